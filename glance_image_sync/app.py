@@ -1,0 +1,68 @@
+"""Wiring: the fan-out and the sync worker, built from Settings.
+
+Shared by the one-shot commands and the daemon, so both run the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from oslo_log import log as logging
+
+from glance_image_sync.config import ConfigError
+from glance_image_sync.dispatch import OrderedDispatcher
+from glance_image_sync.fanout import FanOut
+from glance_image_sync.loop import ConnectionLoop
+from glance_image_sync.runlock import RunLock
+from glance_image_sync.store import ImageStore, StoreError
+from glance_image_sync.sync import ImageSync
+from glance_image_sync.tombstones import Tombstones
+from glance_image_sync.transfer import Rsync
+from glance_image_sync.worker import SyncWorker
+
+LOG = logging.getLogger(__name__)
+
+
+def run_lock(settings) -> RunLock:
+    try:
+        os.makedirs(settings.store.state_dir, mode=0o750, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create state_dir {settings.store.state_dir}: "
+                          f"{exc.strerror}") from None
+    return RunLock(settings.store.state_dir)
+
+
+def fanout_loop(settings, stop_event=None, once=False) -> ConnectionLoop:
+    return ConnectionLoop("fan-out", FanOut(settings), settings.broker, stop_event, once)
+
+
+@contextmanager
+def sync_loop(settings, stop_event=None, once=False):
+    """A ready sync worker's loop; temporaries of a killed run are removed first.
+
+    Call only while holding the run lock: it assumes no other process of ours
+    is writing into the store.
+    """
+    try:
+        store = ImageStore(settings.store)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
+    rsync = Rsync(settings.transfer)
+    dispatcher = OrderedDispatcher(settings.max_parallel)
+    try:
+        for name in store.remove_temporaries():
+            LOG.warning("removed %s, left in %s by an interrupted transfer", name,
+                        settings.store.datadir)
+        tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
+        tombstones.prune()
+        image_sync = ImageSync(settings.nodes, store, rsync, tombstones)
+        worker = SyncWorker(settings, image_sync, dispatcher)
+        loop = ConnectionLoop("sync", worker, settings.broker, stop_event, once)
+        yield loop
+    finally:
+        rsync.cancel_all()
+        dispatcher.shutdown()
+        for name in store.remove_temporaries():
+            LOG.info("removed %s of an abandoned transfer", name)
+        store.close()

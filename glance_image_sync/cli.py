@@ -1,0 +1,101 @@
+"""The ``glance-image-sync`` command.
+
+One-shot commands for cron (``*/5 * * * * glance-image-sync both``):
+
+``duplicate-notifications``
+    drain Glance's notification queue into one queue per api node, then exit;
+``sync-images``
+    drain this node's queue into the local image store, then exit;
+``both``
+    the two, in that order.
+
+Exit status: 0 when everything was applied, 1 when something failed or was
+rejected (it is logged, and retried or kept where an operator finds it),
+2 for a configuration error. A run that finds another one running exits 0.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from glance_image_sync import app, service
+from glance_image_sync.config import ConfigError
+from glance_image_sync.loop import BrokerUnavailable
+from glance_image_sync.runlock import AlreadyRunning
+
+LOG = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _add_commands(subparsers):
+    subparsers.add_parser("duplicate-notifications",
+                          help="copy Glance's notifications into every node's queue, then exit")
+    subparsers.add_parser("sync-images",
+                          help="apply this node's queued events to its image store, then exit")
+    subparsers.add_parser("both", help="duplicate-notifications, then sync-images")
+
+
+COMMAND_OPT = cfg.SubCommandOpt("command", title="commands", handler=_add_commands)
+
+
+def _duplicate_notifications(settings) -> bool:
+    loop = app.fanout_loop(settings, once=True)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    LOG.info("duplicate-notifications: %d notifications handled, %d rejected",
+             loop.component.handled, loop.component.rejected)
+    return loop.component.rejected == 0
+
+
+def _sync_images(settings) -> bool:
+    with app.sync_loop(settings, once=True) as loop:
+        try:
+            loop.run()
+        finally:
+            loop.close()
+    worker = loop.component
+    LOG.info("sync-images: %d events handled, %d failed attempts, %d rejected",
+             worker.handled, worker.failed_attempts, worker.rejected)
+    return worker.failed_attempts == 0 and worker.rejected == 0
+
+
+ONE_SHOT = {
+    "duplicate-notifications": [_duplicate_notifications],
+    "sync-images": [_sync_images],
+    "both": [_duplicate_notifications, _sync_images],
+}
+
+
+def main(argv=None) -> int:
+    conf = cfg.ConfigOpts()
+    try:
+        settings = service.prepare(conf, sys.argv[1:] if argv is None else argv, COMMAND_OPT)
+        return _one_shot(settings, ONE_SHOT[conf.command.name])
+    except ConfigError as exc:
+        print(f"glance-image-sync: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _one_shot(settings, steps) -> int:
+    try:
+        with app.run_lock(settings):
+            ok = True
+            for step in steps:
+                ok = step(settings) and ok
+            return EXIT_OK if ok else EXIT_FAILED
+    except AlreadyRunning as exc:
+        LOG.info("not running: %s", exc)
+        return EXIT_OK
+    except BrokerUnavailable as exc:
+        LOG.error("cannot reach the broker: %s", exc)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

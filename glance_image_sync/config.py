@@ -1,0 +1,191 @@
+"""Settings: every option read and checked once, at start-up.
+
+oslo.config validates lazily, so a bad value would otherwise surface in the
+middle of the night, in the middle of a transfer. ``Settings.from_conf`` reads
+each option once, checks it against what the rest of the code relies on, and
+raises ``ConfigError`` with a message an operator can act on. Below this module
+nothing reads ``conf``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+from glance_image_sync.nodes import Nodes
+
+_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+# rsync splits its -e string on whitespace and honours quotes: a path that
+# needs neither is passed through unchanged.
+_SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9_./+@%=,-]*")
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    urls: tuple  # kombu URLs, password included: never log these
+    heartbeat: int
+    consumer_timeout: int
+
+    def redacted(self) -> str:
+        """The broker addresses, as they may appear in logs."""
+        return ", ".join(redact_url(url) for url in self.urls)
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    exchange: str
+    topic: str
+    durable: bool
+    queue_type: str
+    retry_delays: tuple
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    datadir: str
+    file_mode: int | None
+    state_dir: str
+    deleted_memory: int
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    user: str
+    ssh_config_file: str | None
+    connect_timeout: int
+    io_timeout: int
+    total_timeout: int
+    bwlimit: int
+    remote_datadir: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    nodes: Nodes
+    broker: BrokerSettings
+    topology: TopologySettings
+    store: StoreSettings
+    transfer: TransferSettings
+    max_parallel: int
+    max_attempts: int
+
+    @classmethod
+    def from_conf(cls, conf) -> Settings:
+        try:
+            nodes = Nodes(conf.api_nodes, conf.host)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        datadir = _absolute_path(conf.filesystem_store_datadir, "filesystem_store_datadir")
+        return cls(
+            nodes=nodes,
+            broker=BrokerSettings(
+                urls=tuple(kombu_urls(conf.transport_url)),
+                heartbeat=conf.heartbeat,
+                consumer_timeout=conf.consumer_timeout,
+            ),
+            topology=TopologySettings(
+                exchange=_name(conf.notification_exchange, "notification_exchange"),
+                topic=_name(conf.notification_topic, "notification_topic"),
+                durable=conf.notification_durable,
+                queue_type=conf.queue_type,
+                retry_delays=tuple(conf.retry_delays) or (60,),
+            ),
+            store=StoreSettings(
+                datadir=datadir,
+                file_mode=_file_mode(conf.image_file_mode),
+                state_dir=_absolute_path(conf.state_dir, "state_dir"),
+                deleted_memory=conf.deleted_image_memory,
+            ),
+            transfer=TransferSettings(
+                user=_user(conf.rsync_user),
+                ssh_config_file=_ssh_config(conf.ssh_config_file),
+                connect_timeout=conf.ssh_connect_timeout,
+                io_timeout=conf.rsync_timeout,
+                total_timeout=conf.transfer_timeout,
+                bwlimit=conf.rsync_bwlimit,
+                remote_datadir=datadir,
+            ),
+            max_parallel=conf.max_parallel_transfers,
+            max_attempts=conf.max_attempts,
+        )
+
+
+def kombu_urls(transport_url: str) -> list:
+    """kombu URLs, one per broker, from an oslo.messaging transport_url.
+
+    ``rabbit://u:p@h1:5672,u:p@h2:5672/vhost`` becomes
+    ``amqp://u:p@h1:5672/vhost`` and ``amqp://u:p@h2:5672/vhost`` (kombu
+    fails over between them).
+    """
+    parsed = urllib.parse.urlsplit(transport_url)
+    if parsed.scheme not in ("rabbit", "amqp", "pyamqp"):
+        raise ConfigError(
+            f"transport_url must start with rabbit:// (got {parsed.scheme or 'no'} scheme)"
+        )
+    if parsed.query or parsed.fragment:
+        raise ConfigError("transport_url: query options are not supported")
+    vhost = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
+    urls = []
+    for host in parsed.netloc.split(","):
+        if not host.rpartition("@")[2]:
+            raise ConfigError("transport_url names no broker host")
+        urls.append(f"amqp://{host}/{vhost}")
+    return urls
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced, fit for a log line."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    userinfo, _, hostport = parsed.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=f"{user}:****@{hostport}"))
+
+
+def _absolute_path(value: str, name: str) -> str:
+    if not value or not os.path.isabs(value) or "\0" in value:
+        raise ConfigError(f"{name} must be an absolute path (got {value!r})")
+    return os.path.normpath(value)
+
+
+def _name(value: str, name: str) -> str:
+    if not value or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", value):
+        raise ConfigError(f"{name} {value!r} is not a usable AMQP name")
+    return value
+
+
+def _user(value: str) -> str:
+    if not value or not _USER_RE.fullmatch(value):
+        raise ConfigError(f"rsync_user {value!r} is not a user name")
+    return value
+
+
+def _ssh_config(value: str | None) -> str | None:
+    if not value:
+        return None
+    if not _SAFE_PATH_RE.fullmatch(value):
+        raise ConfigError(
+            f"ssh_config_file {value!r} must be an absolute path without spaces or quotes"
+        )
+    if not os.path.isfile(value):
+        raise ConfigError(f"ssh_config_file {value} does not exist")
+    return value
+
+
+def _file_mode(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ConfigError(f"image_file_mode {value!r} is not an octal mode like 0640") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"image_file_mode {value!r} must be between 0000 and 0777")
+    return mode

@@ -1,0 +1,143 @@
+"""What the fan-out and the sync worker share: consuming one queue safely.
+
+A ``QueueConsumer`` consumes with manual acks and a prefetch limit, publishes
+through a ``ConfirmingPublisher`` on the same connection (its own channel, no
+waiting), and moves messages it cannot use to the dead-letter queue: the
+original body, with the reason in the ``x-gis-reason`` header, acked only
+once the broker confirmed the copy.
+
+Deliveries remember the connection they came on. After a reconnect, work that
+finishes for a delivery of the old connection is not acked (the broker has
+already put the message back, and it will be handled again, idempotently).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kombu import Consumer
+from oslo_log import log as logging
+
+from glance_image_sync import topology
+from glance_image_sync.loop import Reconnect
+from glance_image_sync.publisher import ConfirmingPublisher
+
+LOG = logging.getLogger(__name__)
+
+REASON_HEADER = "x-gis-reason"
+QUEUE_HEADER = "x-gis-queue"
+NODE_HEADER = "x-gis-node"
+
+
+@dataclass
+class Delivery:
+    message: object
+    generation: int
+    received: float = field(default_factory=time.monotonic)
+    settled: bool = False
+
+
+class QueueConsumer:
+    name = "consumer"
+    prefetch = 64
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.nodes = settings.nodes
+        self.loop = None
+        self.publisher = None
+        self.channel = None
+        self.queue = None
+        self.generation = 0
+        self.in_flight = 0
+        self.handled = 0
+        self.rejected = 0
+
+    # -- to be provided by subclasses -------------------------------------
+
+    def declare(self, connection, channel):
+        """Declare what is needed; return the kombu Queue to consume."""
+        raise NotImplementedError
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        raise NotImplementedError
+
+    # -- the component interface of ConnectionLoop ------------------------
+
+    def start(self, connection, loop) -> None:
+        self.loop = loop
+        self.generation += 1
+        self.in_flight = 0
+        self.channel = connection.channel()
+        self.queue = self.declare(connection, self.channel).bind(self.channel)
+        self.publisher = ConfirmingPublisher(connection)
+        self.channel.basic_qos(prefetch_size=0, prefetch_count=self.prefetch, a_global=False)
+        Consumer(self.channel, queues=[self.queue], on_message=self._on_message,
+                 auto_declare=False, no_ack=False).consume()
+        LOG.info("%s: consuming %s", self.name, self.queue.name)
+
+    def connection_lost(self) -> None:
+        self.channel = self.publisher = None
+        self.in_flight = 0
+
+    def next_deadline(self):
+        return None
+
+    def on_timer(self) -> None:
+        pass
+
+    def is_drained(self) -> bool:
+        if self.in_flight or self.publisher.pending:
+            return False
+        # Deliveries sent before the declare-ok are dispatched while waiting
+        # for it, so in_flight is up to date when it returns.
+        ready = self.queue.queue_declare(passive=True).message_count
+        return ready == 0 and not self.in_flight and not self.publisher.pending
+
+    # -- helpers -----------------------------------------------------------
+
+    def _on_message(self, message) -> None:
+        self.in_flight += 1
+        self.on_delivery(Delivery(message, self.generation))
+
+    def current(self, delivery: Delivery) -> bool:
+        """Whether the delivery can still be acked (same connection, not settled)."""
+        return delivery.generation == self.generation and not delivery.settled
+
+    def finish(self, delivery: Delivery, ack: bool = True) -> None:
+        """Done with a delivery: ack it, or leave it for the broker to redeliver."""
+        if delivery.generation != self.generation:
+            return  # its connection is gone; the broker redelivers it
+        self.in_flight -= 1
+        self.handled += 1
+        if ack and not delivery.settled:
+            delivery.settled = True
+            delivery.message.ack()
+
+    def forward(self, delivery: Delivery, routing_key: str, headers: dict,
+                what: str, expiration_ms: int | None = None) -> None:
+        """Publish a copy (confirmed, routed), then ack the original."""
+        message = delivery.message
+        generation = self.generation
+
+        def done(ok, reason):
+            if ok:
+                self.finish(delivery)
+            elif generation == self.generation:
+                LOG.error("%s: could not put a message in %s (%s); reconnecting to declare "
+                          "the queues again", self.name, what, reason)
+                raise Reconnect(f"{what}: {reason}")
+
+        self.publisher.publish(message.body, routing_key, on_done=done, headers=headers,
+                               content_type=message.content_type or "application/json",
+                               expiration_ms=expiration_ms)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.rejected += 1
+        LOG.warning("%s: message rejected (%s); moved to %s", self.name, reason,
+                    topology.DEAD_LETTER_QUEUE)
+        self.forward(delivery, topology.DEAD_LETTER_QUEUE,
+                     {REASON_HEADER: reason[:1000], QUEUE_HEADER: self.queue.name,
+                      NODE_HEADER: self.nodes.this},
+                     "the dead-letter queue")

@@ -1,0 +1,187 @@
+"""What a node is told to do with an image, and how that travels between nodes.
+
+An ``ImageEvent`` is the one thing that flows from the fan-out to every node's
+queue: ensure an image is present (with the size and md5 to verify it against)
+or ensure it is absent. Everything in it has been validated: the id is a
+canonical UUID, the source a node from ``api_nodes``, the checksum 32 hex
+digits, the size a non-negative integer. The same checks run again when a node
+reads its queue, because anyone who can publish to the broker can write there.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+# Largest body read as JSON; a Glance notification with every property set
+# stays far below it.
+MAX_BODY_BYTES = 1024 * 1024
+MAX_SIZE = 2**63 - 1  # off_t
+WIRE_VERSION = 1
+
+_MD5_RE = re.compile(r"[0-9a-f]{32}")
+
+
+class Rejected(ValueError):
+    """A message that must not be acted on; ``reason`` says why."""
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0])
+
+
+class Action(enum.Enum):
+    PRESENT = "present"
+    ABSENT = "absent"
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A well-formed message with nothing to do (image.create, errors, ...)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageEvent:
+    """Ensure one image is present (verified) or absent on a node.
+
+    ``source`` is the node that published the event, or None when the
+    publisher named no node (then any peer with a verified copy serves).
+    """
+
+    action: Action
+    image_id: str
+    source: str | None = None
+    checksum: str | None = None
+    size: int | None = None
+    event_type: str = ""
+    message_id: str | None = None
+    timestamp: str | None = None
+
+    def __post_init__(self):
+        image_id(self.image_id)
+        if self.action is Action.PRESENT:
+            checksum(self.checksum)
+            size(self.size)
+
+    def describe(self) -> str:
+        if self.action is Action.PRESENT:
+            return (
+                f"{self.event_type or 'ensure-present'} {self.image_id} "
+                f"(size {self.size}, md5 {self.checksum}, from {self.source or 'any peer'})"
+            )
+        return f"{self.event_type or 'ensure-absent'} {self.image_id}"
+
+    def to_wire(self) -> bytes:
+        return json.dumps(
+            {
+                "version": WIRE_VERSION,
+                "action": self.action.value,
+                "image_id": self.image_id,
+                "source": self.source,
+                "checksum": self.checksum,
+                "size": self.size,
+                "event_type": self.event_type,
+                "message_id": self.message_id,
+                "timestamp": self.timestamp,
+            },
+            sort_keys=True,
+        ).encode()
+
+
+def from_wire(body: bytes, nodes) -> ImageEvent:
+    """The ImageEvent in a node queue's message, or Rejected."""
+    doc = load_json(body)
+    if not isinstance(doc, dict):
+        raise Rejected("event is not a JSON object")
+    if doc.get("version") != WIRE_VERSION:
+        raise Rejected(f"unknown event version {show(doc.get('version'))}")
+    try:
+        action = Action(doc.get("action"))
+    except (ValueError, TypeError):
+        raise Rejected(f"unknown action {show(doc.get('action'))}") from None
+    source = doc.get("source")
+    if source is not None:
+        resolved = nodes.resolve(source)
+        if resolved is None:
+            raise Rejected(f"source {show(source)} is not in api_nodes")
+        source = resolved
+    return ImageEvent(
+        action=action,
+        image_id=image_id(doc.get("image_id")),
+        source=source,
+        checksum=checksum(doc.get("checksum")) if action is Action.PRESENT else None,
+        size=size(doc.get("size")) if action is Action.PRESENT else None,
+        event_type=optional_text(doc.get("event_type"), "event_type"),
+        message_id=optional_text(doc.get("message_id"), "message_id") or None,
+        timestamp=optional_text(doc.get("timestamp"), "timestamp") or None,
+    )
+
+
+# -- field checks, shared by both parsers --------------------------------------
+
+
+def load_json(body) -> object:
+    """Decode a message body strictly: UTF-8 JSON, finite numbers, bounded size."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogatepass")
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise Rejected(f"body is {type(body).__name__}, not bytes")
+    if len(body) > MAX_BODY_BYTES:
+        raise Rejected(f"body of {len(body)} bytes is over the limit of {MAX_BODY_BYTES}")
+    try:
+        return json.loads(bytes(body).decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise Rejected("body is not UTF-8") from None
+    except RecursionError:
+        raise Rejected("body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long ints
+        raise Rejected(f"body is not JSON: {str(exc)[:120]}") from None
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number")
+
+
+def image_id(value: object) -> str:
+    """A canonical (lower-case, hyphenated) UUID: safe as a file name."""
+    if not isinstance(value, str) or len(value) != 36:
+        raise Rejected(f"image id {show(value)} is not a UUID")
+    try:
+        canonical = str(uuid.UUID(value))
+    except ValueError:
+        raise Rejected(f"image id {show(value)} is not a UUID") from None
+    if canonical != value:
+        raise Rejected(f"image id {show(value)} is not a canonical UUID")
+    return value
+
+
+def checksum(value: object) -> str:
+    if not isinstance(value, str) or not _MD5_RE.fullmatch(value.lower()):
+        raise Rejected(f"checksum {show(value)} is not 32 hex digits")
+    return value.lower()
+
+
+def size(value: object) -> int:
+    # bool is an int to Python, never to JSON producers we accept.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIZE:
+        raise Rejected(f"size {show(value)} is not a non-negative integer")
+    return value
+
+
+def optional_text(value: object, name: str, limit: int = 255) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit or not value.isprintable():
+        raise Rejected(f"{name} {show(value)} is not a short printable string")
+    return value
+
+
+def show(value: object, limit: int = 80) -> str:
+    """A value as it may appear in a log line: repr, bounded, one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

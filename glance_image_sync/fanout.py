@@ -1,0 +1,72 @@
+"""The fan-out: Glance's notification queue -> one event per node queue.
+
+Each notification is parsed once. An ensure-present or ensure-absent event is
+published, as an ImageEvent, to the queue of every node in ``api_nodes``
+(declared for all of them, so a node that is down still collects its events).
+
+Ack contract: a notification is acked only after the broker confirmed every
+node's copy *and* routed it to that node's queue. If any copy is refused or
+unroutable, the notification is not acked: the connection is reset, the
+queues are declared again, and the broker delivers the notification anew (the
+nodes that already got their copy get a duplicate, which they apply as a
+no-op). An ignored notification is acked at once; a malformed or hostile one
+once its copy in the dead-letter queue is confirmed.
+"""
+
+from __future__ import annotations
+
+from oslo_log import log as logging
+
+from glance_image_sync import notifications, topology
+from glance_image_sync.consumer import QueueConsumer
+from glance_image_sync.events import Ignored, Rejected
+from glance_image_sync.loop import Reconnect
+
+LOG = logging.getLogger(__name__)
+
+
+class FanOut(QueueConsumer):
+    name = "fan-out"
+    # Deep enough that confirms of one batch overlap the next deliveries.
+    prefetch = 256
+
+    def declare(self, connection, channel):
+        topology.declare_own_queues(channel, self.nodes.all, self.settings.topology)
+        return topology.declare_notification_queue(connection, self.settings.topology)
+
+    def on_delivery(self, delivery) -> None:
+        try:
+            result = notifications.parse(delivery.message.body, self.nodes)
+        except Rejected as exc:
+            self.dead_letter(delivery, f"notification: {exc.reason}")
+            return
+        if isinstance(result, Ignored):
+            LOG.debug("fan-out: ignored %s", result.reason)
+            self.finish(delivery)
+            return
+        LOG.info("image %s: %s from %s; queued for %s", result.image_id, result.event_type,
+                 result.source or "an unnamed publisher", ", ".join(self.nodes.all))
+        self._publish_copies(delivery, result)
+
+    def _publish_copies(self, delivery, event) -> None:
+        body = event.to_wire()
+        outstanding = set(self.nodes.all)
+        failures = []
+        generation = self.generation
+
+        def copied(node, ok, reason):
+            outstanding.discard(node)
+            if not ok:
+                failures.append(f"{node}: {reason}")
+            if outstanding or generation != self.generation:
+                return
+            if failures:
+                LOG.error("image %s: %s not queued for every node (%s); it will be "
+                          "delivered again", event.image_id, event.event_type,
+                          "; ".join(failures))
+                raise Reconnect("; ".join(failures))
+            self.finish(delivery)
+
+        for node in self.nodes.all:
+            self.publisher.publish(body, topology.node_queue_name(node),
+                                   on_done=lambda ok, reason, node=node: copied(node, ok, reason))

@@ -1,0 +1,211 @@
+"""One consumer on one persistent broker connection, event-driven.
+
+``ConnectionLoop`` connects (with bounded, interruptible backoff), lets its
+component declare what it needs and start consuming, then sleeps in
+``select()`` on two things only: the broker socket and a wake-up pipe. Frames
+are read when they arrive; work finished on other threads is handed back
+through ``call_soon`` (which writes to the pipe), so acks and publishes always
+happen on the connection's own thread, as py-amqp requires. Heartbeats are
+sent from the same loop, so a long transfer never starves them. No polling:
+when nothing happens, the loop wakes only to keep the heartbeat going.
+
+A component is an object with:
+
+``start(connection, loop)``
+    declare its topology, open its channels, start consuming;
+``connection_lost()``
+    forget everything tied to the dead connection (its deliveries come back);
+``is_drained()``
+    (``once`` mode) True when its queue is empty and nothing is in flight;
+``next_deadline()``
+    the monotonic time it next wants ``on_timer()`` called, or None.
+
+A component that finds the topology broken under it (a queue deleted while it
+runs) raises ``Reconnect``: the loop then reconnects, which declares it again.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import select
+import socket
+import threading
+import time
+
+from kombu import Connection
+from oslo_log import log as logging
+
+LOG = logging.getLogger(__name__)
+
+# A one-shot run gives up on an unreachable broker after this many tries.
+ONCE_CONNECT_ATTEMPTS = 3
+# In once mode, how long the queue must be quiet before asking if it is empty.
+ONCE_QUIET_SECONDS = 0.3
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped."""
+
+    def __init__(self, first=1.0, cap=30.0):
+        self.first, self.cap, self.attempt = first, cap, 0
+
+    def next_delay(self) -> float:
+        self.attempt += 1
+        ceiling = min(self.cap, self.first * 2 ** (self.attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - not crypto
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached within a one-shot run's attempts."""
+
+
+class Reconnect(Exception):
+    """Start over on a new connection (declaring everything again)."""
+
+
+class ConnectionLoop:
+    def __init__(self, name, component, broker, stop_event=None, once=False):
+        self.name = name
+        self.component = component
+        self.broker = broker
+        self.stop_event = stop_event or threading.Event()
+        self.once = once
+        self.connected = False
+        self.last_progress = time.monotonic()
+        self._calls = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- for other threads -------------------------------------------------
+
+    def call_soon(self, fn) -> None:
+        """Run ``fn()`` on the connection thread, as soon as it can."""
+        self._calls.append(fn)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is already due to wake
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.wake()
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stopped (or, in once mode, until drained).
+
+        Raises BrokerUnavailable in once mode when the broker cannot be
+        reached; in daemon mode it reconnects for as long as it runs.
+        """
+        backoff = Backoff()
+        while not self.stop_event.is_set():
+            connection = Connection(list(self.broker.urls), heartbeat=self.broker.heartbeat,
+                                    connect_timeout=10, failover_strategy="round-robin")
+            try:
+                connection.connect()
+                LOG.info("%s: connected to %s", self.name, connection.as_uri())
+                backoff.reset()
+                self.component.start(connection, self)
+                self.connected = True
+                if self._serve(connection):
+                    return
+            except (connection.connection_errors + connection.channel_errors
+                    + (OSError, socket.timeout, Reconnect)) as exc:
+                self._lost(exc, backoff)
+            finally:
+                self.connected = False
+                self.component.connection_lost()
+                _close_quietly(connection)
+
+    def _lost(self, exc, backoff) -> None:
+        delay = backoff.next_delay()
+        if self.once and backoff.attempt >= ONCE_CONNECT_ATTEMPTS:
+            raise BrokerUnavailable(f"{self.broker.redacted()}: {_describe(exc)}") from None
+        LOG.warning("%s: broker connection lost or refused (%s); reconnecting in %.1f s "
+                    "(attempt %d)", self.name, _describe(exc), delay, backoff.attempt)
+        self.stop_event.wait(delay)
+
+    def _serve(self, connection) -> bool:
+        """Dispatch frames and calls until stopped; True when done for good."""
+        sock = connection.connection.sock
+        heartbeat_every = max(1.0, self.broker.heartbeat / 4)
+        next_heartbeat = time.monotonic() + heartbeat_every
+        quiet_since = time.monotonic()
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            deadline = min(next_heartbeat, self.component.next_deadline() or next_heartbeat)
+            if self.once:
+                deadline = min(deadline, quiet_since + ONCE_QUIET_SECONDS)
+            readable, _, _ = select.select([sock, self._wake_r], [], [], max(0.0, deadline - now))
+            self.last_progress = time.monotonic()
+            if sock in readable or _has_buffered_data(sock):
+                self._drain(connection, sock)
+                quiet_since = time.monotonic()
+            if self._wake_r in readable:
+                self._run_calls()
+                quiet_since = time.monotonic()
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                connection.heartbeat_check()
+                next_heartbeat = now + heartbeat_every
+            deadline = self.component.next_deadline()
+            if deadline is not None and now >= deadline:
+                self.component.on_timer()
+            if self.once and now - quiet_since >= ONCE_QUIET_SECONDS:
+                if self.component.is_drained():
+                    return True
+                quiet_since = time.monotonic()
+        return True
+
+    def _drain(self, connection, sock) -> None:
+        # At least one byte is waiting, so this returns once a whole frame
+        # is in; keep going while more are ready, but let calls run too.
+        for _ in range(1000):
+            try:
+                connection.drain_events(timeout=5)
+            except socket.timeout:
+                return
+            if not _has_buffered_data(sock):
+                ready, _, _ = select.select([sock], [], [], 0)
+                if not ready:
+                    return
+
+    def _run_calls(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._calls:
+            self._calls.popleft()()
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _has_buffered_data(sock) -> bool:
+    pending = getattr(sock, "pending", None)  # TLS: bytes decrypted, not yet read
+    return bool(pending and pending())
+
+
+def _close_quietly(connection) -> None:
+    try:
+        connection.release()
+    except Exception:  # noqa: BLE001 - the connection is being thrown away
+        LOG.debug("error while closing a broker connection", exc_info=True)
+
+
+def _describe(exc) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -1,0 +1,202 @@
+"""Every option of glance-image-sync, with its help text.
+
+All options live in ``[DEFAULT]`` of ``/etc/glance/glance-image-sync.conf``.
+``api_nodes``, ``rsync_user``, ``log_file`` and ``verbose`` are the names the
+original cron tool used; they keep working. ``list_opts`` feeds
+``oslo-config-generator`` (``etc/glance-image-sync.conf.sample``).
+"""
+
+import socket
+
+from oslo_config import cfg, types
+
+cluster_opts = [
+    cfg.ListOpt(
+        "api_nodes",
+        default=[],
+        help="Every glance-api node whose image store is kept in step, by short "
+        "host name or FQDN, as ssh reaches it. One durable queue is declared "
+        "per node. Required.",
+    ),
+    cfg.StrOpt(
+        "host",
+        default=socket.gethostname(),
+        sample_default="<this machine's host name>",
+        help="This node's name. Matched against api_nodes by FQDN and by short "
+        "name; it must name exactly one of them.",
+    ),
+]
+
+messaging_opts = [
+    cfg.StrOpt(
+        "transport_url",
+        default="rabbit://guest:guest@localhost:5672/",
+        secret=True,
+        help="RabbitMQ to read Glance's notifications from and keep the "
+        "per-node queues in, as in Glance's own transport_url "
+        "(rabbit://user:password@host:port[,user:password@host2:port]/vhost).",
+    ),
+    cfg.StrOpt(
+        "notification_exchange",
+        default="glance",
+        help="Exchange Glance publishes notifications on (Glance's "
+        "control_exchange).",
+    ),
+    cfg.StrOpt(
+        "notification_topic",
+        default="glance_notifications",
+        deprecated_name="rabbit_notification_topic",
+        help="Notification topic Glance publishes to and nobody else reads. "
+        "Add it to Glance's [oslo_messaging_notifications] topics; the queue "
+        "read is <notification_topic>.info.",
+    ),
+    cfg.BoolOpt(
+        "notification_durable",
+        default=False,
+        help="Declare the notification exchange and queue durable. Must equal "
+        "Glance's [oslo_messaging_rabbit] amqp_durable_queues, or RabbitMQ "
+        "refuses Glance's next publish. Only used when the queue does not exist "
+        "yet; an existing queue is used as it is.",
+    ),
+    cfg.StrOpt(
+        "queue_type",
+        default="classic",
+        choices=[
+            ("classic", "Durable classic queues (a single broker)."),
+            ("quorum", "Replicated quorum queues (a clustered broker)."),
+        ],
+        help="Type of the queues glance-image-sync declares itself (per-node, "
+        "retry, failed and dead-letter queues). Changing it needs the old "
+        "queues deleted first.",
+    ),
+    cfg.IntOpt(
+        "heartbeat",
+        default=30,
+        min=10,
+        help="AMQP heartbeat in seconds. Below 10 s idle consumers get reset "
+        "(kombu's drain restarts its countdown on every server heartbeat).",
+    ),
+    cfg.IntOpt(
+        "consumer_timeout",
+        default=1800,
+        min=60,
+        help="RabbitMQ's consumer_timeout in seconds (1800 unless the broker "
+        "sets it). An event whose transfer runs longer is re-queued before the "
+        "broker would close the channel, so it is neither lost nor restarted.",
+    ),
+]
+
+store_opts = [
+    cfg.StrOpt(
+        "filesystem_store_datadir",
+        default="/var/lib/glance/images",
+        help="Glance's file store directory; the same path on every node. "
+        "Images are <filesystem_store_datadir>/<image id>.",
+    ),
+    cfg.StrOpt(
+        "image_file_mode",
+        default=None,
+        sample_default="<the mode of the source's copy>",
+        help="Octal permission bits of installed images, e.g. 0640. Default: "
+        "the mode of the copy on the node it came from. The owner and group are "
+        "always those of filesystem_store_datadir.",
+    ),
+    cfg.StrOpt(
+        "state_dir",
+        default="/var/lib/glance-image-sync",
+        help="Directory for this node's own state: the run lock and the record "
+        "of deleted images.",
+    ),
+    cfg.IntOpt(
+        "deleted_image_memory",
+        default=30 * 24 * 3600,
+        min=0,
+        help="Seconds a deleted image id is remembered, so a late or replayed "
+        "upload event never brings the image back.",
+    ),
+]
+
+transfer_opts = [
+    cfg.StrOpt(
+        "rsync_user",
+        default="glance",
+        help="User rsync logs in as on the other nodes (over ssh).",
+    ),
+    cfg.StrOpt(
+        "ssh_config_file",
+        default=None,
+        help="ssh client configuration for rsync (passed as ssh -F): ports, "
+        "keys, pinned host keys. Default: ssh's own.",
+    ),
+    cfg.IntOpt(
+        "ssh_connect_timeout",
+        default=10,
+        min=1,
+        help="Seconds ssh waits to connect to a peer.",
+    ),
+    cfg.IntOpt(
+        "rsync_timeout",
+        default=120,
+        min=5,
+        help="Seconds without any data after which rsync gives up (rsync "
+        "--timeout).",
+    ),
+    cfg.IntOpt(
+        "transfer_timeout",
+        default=6 * 3600,
+        min=60,
+        help="Seconds one transfer may take in all before it is killed.",
+    ),
+    cfg.IntOpt(
+        "rsync_bwlimit",
+        default=0,
+        min=0,
+        help="Bandwidth limit per transfer in KiB/s (rsync --bwlimit); 0 is "
+        "unlimited.",
+    ),
+    cfg.IntOpt(
+        "max_parallel_transfers",
+        default=4,
+        min=1,
+        help="Transfers that run at once; never two for the same image.",
+    ),
+    cfg.ListOpt(
+        "retry_delays",
+        item_type=types.Integer(min=1),
+        default=[10, 60, 300, 1800],
+        help="Seconds before a failed transfer is tried again, by attempt; the "
+        "last value repeats. Each gets +-20% jitter.",
+    ),
+    cfg.IntOpt(
+        "max_attempts",
+        default=10,
+        min=1,
+        help="Attempts before an event is parked in this node's failed queue "
+        "(see 'glance-image-sync failed').",
+    ),
+]
+
+legacy_opts = [
+    cfg.BoolOpt(
+        "verbose",
+        default=False,
+        deprecated_for_removal=True,
+        deprecated_reason="oslo.log removed it; use debug.",
+        help="Accepted so that old configuration files keep working; ignored.",
+    ),
+]
+
+
+def list_opts():
+    """The options of [DEFAULT], for oslo-config-generator."""
+    return [
+        (
+            "DEFAULT",
+            cluster_opts + messaging_opts + store_opts + transfer_opts + legacy_opts,
+        ),
+    ]
+
+
+def register_opts(conf):
+    for group, opts in list_opts():
+        conf.register_opts(opts, group=None if group == "DEFAULT" else group)

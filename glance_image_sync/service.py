@@ -1,0 +1,39 @@
+"""Start-up: options registered, command line and files parsed, logging set up.
+
+``prepare`` is the one bootstrap every command goes through; it returns the
+parsed ``conf`` and the ``Settings`` read from it, or raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from glance_image_sync import opts
+from glance_image_sync.config import ConfigError, Settings
+
+DEFAULT_CONFIG_FILE = "/etc/glance/glance-image-sync.conf"
+PROG = "glance-image-sync"
+
+LOG = logging.getLogger(__name__)
+
+
+def prepare(conf, argv, command_opt) -> Settings:
+    opts.register_opts(conf)
+    logging.register_options(conf)
+    # kombu and py-amqp at DEBUG dump connection internals; keep them quiet
+    # even in a debug run.
+    logging.set_defaults(default_log_levels=logging.get_default_log_levels() + ["kombu=WARN"])
+    conf.register_cli_opt(command_opt)
+    default_files = [DEFAULT_CONFIG_FILE] if os.path.exists(DEFAULT_CONFIG_FILE) else []
+    try:
+        conf(argv, project="glance", prog=PROG, default_config_files=default_files)
+        logging.setup(conf, PROG)
+        settings = Settings.from_conf(conf)
+    except cfg.Error as exc:
+        raise ConfigError(str(exc)) from None
+    if conf.debug:
+        conf.log_opt_values(LOG, logging.DEBUG)
+    return settings

@@ -1,0 +1,222 @@
+"""This node's image store: Glance's file store directory, and nothing outside it.
+
+Every operation goes through a descriptor of the directory (``dir_fd``) with
+a name that is a validated image UUID, or one of our own temporary names, so
+no path built from a message can leave the directory, and nothing is opened or
+removed through a symlink (``O_NOFOLLOW``; unlink and rename act on the link
+itself).
+
+An image is installed like glance_store would want it: fetched into a
+temporary file in the same directory (mode 0600, so no one reads a partial
+image), verified against the event's size and md5, given its owner and mode,
+fsynced, and only then renamed onto ``<id>``. A copy that fails verification is
+removed, never renamed. The directory is fsynced after every rename and unlink.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import stat
+import threading
+
+from oslo_log import log as logging
+
+from glance_image_sync import events
+
+LOG = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".glance-image-sync."
+_CHUNK = 1024 * 1024
+_CACHE_LIMIT = 100_000
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the message says why."""
+
+
+class VerificationFailed(StoreError):
+    """A copy's size or md5 is not the event's."""
+
+
+class DiskFull(StoreError):
+    """No space left for the copy."""
+
+
+class ImageStore:
+    def __init__(self, settings):
+        self.datadir = settings.datadir
+        self.file_mode = settings.file_mode
+        try:
+            self.dir_fd = os.open(self.datadir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the image store {self.datadir}: {exc.strerror}"
+            ) from None
+        st = os.fstat(self.dir_fd)
+        self.owner = (st.st_uid, st.st_gid)
+        # (dev, ino, size, mtime_ns, ctime_ns) -> md5 hex: Glance sends three
+        # or more events per upload, and image.update on every property change.
+        self._verified = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        os.close(self.dir_fd)
+
+    # -- reading -----------------------------------------------------------
+
+    def verify(self, image_id: str, size: int, md5: str) -> bool:
+        """Whether ``<id>`` is a regular file with this size and md5."""
+        name = events.image_id(image_id)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                LOG.warning("image %s is a symlink in %s; it will be replaced",
+                            name, self.datadir)
+                return False
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return False
+            return self._md5_of(fd, st) == md5
+        finally:
+            os.close(fd)
+
+    def _md5_of(self, fd: int, st) -> str:
+        key = _cache_key(st)
+        with self._lock:
+            cached = self._verified.get(key)
+        if cached is not None:
+            return cached
+        digest = md5_of_fd(fd)
+        self._remember(key, digest)
+        return digest
+
+    def _remember(self, key, digest: str) -> None:
+        with self._lock:
+            if len(self._verified) >= _CACHE_LIMIT:
+                self._verified.clear()
+            self._verified[key] = digest
+
+    def list_images(self) -> dict:
+        """{image id: size} of every regular file named like an image."""
+        found = {}
+        for entry in os.scandir(self.dir_fd):
+            try:
+                image_id = events.image_id(entry.name)
+            except events.Rejected:
+                continue
+            if entry.is_file(follow_symlinks=False):
+                found[image_id] = entry.stat(follow_symlinks=False).st_size
+        return found
+
+    def free_bytes(self) -> int:
+        st = os.fstatvfs(self.dir_fd)
+        return st.f_bavail * st.f_frsize
+
+    # -- writing -----------------------------------------------------------
+
+    def install(self, image_id: str, size: int, md5: str, fetch) -> None:
+        """Fetch, verify and atomically install ``<id>``.
+
+        ``fetch(path)`` writes the copy into the (existing, empty) file at
+        ``path`` and returns ``(md5 or None, source mode or None)``; the md5
+        is the one rsync computed over the bytes it wrote, when it reports one.
+        """
+        name = events.image_id(image_id)
+        free = self.free_bytes()
+        if free < size:
+            raise DiskFull(f"disk full: {name} needs {size} bytes, {free} free in {self.datadir}")
+        temp = f"{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.dir_fd)
+        try:
+            reported_md5, source_mode = fetch(os.path.join(self.datadir, temp))
+            st = os.fstat(fd)
+            if os.stat(temp, dir_fd=self.dir_fd, follow_symlinks=False).st_ino != st.st_ino:
+                raise StoreError(f"temporary file {temp} was replaced during the transfer")
+            if st.st_size != size:
+                raise VerificationFailed(f"size {st.st_size}, expected {size}")
+            digest = reported_md5 or md5_of_fd(fd)
+            if digest != md5:
+                raise VerificationFailed(f"md5 {digest}, expected {md5}")
+            if (st.st_uid, st.st_gid) != self.owner:
+                os.fchown(fd, *self.owner)
+            os.fchmod(fd, self.file_mode if self.file_mode is not None
+                      else (source_mode if source_mode is not None else 0o644))
+            os.fsync(fd)
+            os.rename(temp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            temp = None
+            os.fsync(self.dir_fd)
+            self._remember(_cache_key(os.fstat(fd)), digest)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"disk full while writing {name} in {self.datadir}") from None
+            raise
+        finally:
+            os.close(fd)
+            if temp is not None:
+                self._unlink_quietly(temp)
+
+    def remove(self, image_id: str) -> bool:
+        """Remove ``<id>``; True if it was there. Only ever a regular file."""
+        name = events.image_id(image_id)
+        try:
+            st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{name} in {self.datadir} is not a regular file; left alone")
+        try:
+            os.unlink(name, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            return False
+        os.fsync(self.dir_fd)
+        return True
+
+    def remove_temporaries(self, image_id: str | None = None) -> list:
+        """Remove our temporary files (of one image, or all); return their names.
+
+        Left behind only by a run that was killed: at start-up nothing of ours
+        is writing any.
+        """
+        prefix = TEMP_PREFIX + (events.image_id(image_id) + "." if image_id else "")
+        removed = []
+        for entry in os.scandir(self.dir_fd):
+            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                if self._unlink_quietly(entry.name):
+                    removed.append(entry.name)
+        return removed
+
+    def _unlink_quietly(self, name: str) -> bool:
+        try:
+            os.unlink(name, dir_fd=self.dir_fd)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            LOG.error("cannot remove temporary file %s in %s: %s", name, self.datadir,
+                      exc.strerror)
+            return False
+
+
+def _cache_key(st):
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def md5_of_fd(fd: int) -> str:
+    """md5 of a whole file, streamed (never the image in memory)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    offset = 0
+    while True:
+        chunk = os.pread(fd, _CHUNK, offset)
+        if not chunk:
+            return digest.hexdigest()
+        digest.update(chunk)
+        offset += len(chunk)

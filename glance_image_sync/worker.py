@@ -1,0 +1,163 @@
+"""The sync worker: this node's queue -> its image store.
+
+Each event is validated again (anyone on the broker can write to a queue) and
+applied by ``ImageSync`` on a transfer thread, in order per image and a few
+images at a time; the connection thread keeps serving heartbeats and does the
+acks.
+
+Ack contract: an event is acked only when it has been applied (the image is in
+place and verified, or gone), or when the broker confirmed its copy in the
+place it moves to: a retry queue (the attempt failed; it comes back after the
+delay), the node's failed queue (out of attempts), or the dead-letter queue
+(malformed). A transfer that is stopped by a shutdown is not acked: the
+broker delivers the event again.
+
+RabbitMQ closes a channel that holds a message unacked longer than its
+``consumer_timeout``. Before that, an event whose transfer is still running is
+put back in the node queue (confirmed) and the old delivery is acked; the copy
+waits behind the running transfer and finds the image in place.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from oslo_log import log as logging
+
+from glance_image_sync import events, topology
+from glance_image_sync.consumer import QueueConsumer
+from glance_image_sync.events import Rejected
+from glance_image_sync.loop import Reconnect
+from glance_image_sync.sync import Outcome
+
+LOG = logging.getLogger(__name__)
+
+ATTEMPT_HEADER = "x-gis-attempt"
+ERROR_HEADER = "x-gis-last-error"
+
+
+def attempts_of(message) -> int:
+    """How many attempts this event has had; 0 for a new one."""
+    value = (message.headers or {}).get(ATTEMPT_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def retry_delay(delays, attempts: int) -> int:
+    """Seconds to wait after the ``attempts``-th failure; the last one repeats."""
+    return delays[min(attempts, len(delays)) - 1]
+
+
+class SyncWorker(QueueConsumer):
+    name = "sync"
+
+    def __init__(self, settings, image_sync, dispatcher):
+        super().__init__(settings)
+        self.image_sync = image_sync
+        self.dispatcher = dispatcher
+        self.prefetch = max(16, 4 * settings.max_parallel)
+        self.refresh_after = settings.broker.consumer_timeout / 2
+        self.delays = sorted(set(settings.topology.retry_delays))
+        self._held = {}
+        self.last_success = None
+        self.last_error = None
+        self.failed_attempts = 0
+        self.parked = 0
+
+    def declare(self, connection, channel):
+        topology.declare_own_queues(channel, [self.nodes.this], self.settings.topology)
+        return topology.node_queues(self.nodes.this, self.settings.topology)[0]
+
+    def connection_lost(self) -> None:
+        super().connection_lost()
+        self._held.clear()
+
+    def on_delivery(self, delivery) -> None:
+        try:
+            event = events.from_wire(delivery.message.body, self.nodes)
+        except Rejected as exc:
+            self.dead_letter(delivery, f"event: {exc.reason}")
+            return
+        attempts = attempts_of(delivery.message)
+        self._held[id(delivery)] = delivery
+        self.dispatcher.submit(event.image_id,
+                               lambda: self._apply(delivery, event, attempts))
+
+    def _apply(self, delivery, event, attempts) -> None:
+        """On a transfer thread."""
+        try:
+            outcome = self.image_sync.apply(event)
+        except Exception as exc:  # noqa: BLE001 - reported as a failed attempt
+            LOG.exception("image %s: unexpected error on %s", event.image_id, self.nodes.this)
+            outcome = Outcome(False, f"unexpected error: {exc}")
+        self.loop.call_soon(lambda: self._applied(delivery, event, attempts, outcome))
+
+    def _applied(self, delivery, event, attempts, outcome) -> None:
+        """Back on the connection thread."""
+        self._held.pop(id(delivery), None)
+        if outcome.cancelled:
+            self.finish(delivery, ack=False)
+            return
+        if outcome.ok:
+            self.last_success = (time.time(), event.image_id, outcome.detail)
+            self.finish(delivery)
+            return
+        self.last_error = (time.time(), event.image_id, outcome.detail)
+        self.failed_attempts += 1
+        if not self.current(delivery):
+            # Already re-queued (consumer_timeout) or from a lost connection:
+            # the copy in the queue gets the next attempt.
+            self.finish(delivery)
+            return
+        self._retry_or_park(delivery, event, attempts + 1, outcome.detail)
+
+    def _retry_or_park(self, delivery, event, attempts, error) -> None:
+        headers = {ATTEMPT_HEADER: attempts, ERROR_HEADER: error[:500]}
+        if attempts >= self.settings.max_attempts:
+            self.parked += 1
+            LOG.error("image %s: giving up on %s after %d attempts (%s); parked in %s",
+                      event.image_id, self.nodes.this, attempts, error,
+                      topology.failed_queue_name(self.nodes.this))
+            self.forward(delivery, topology.failed_queue_name(self.nodes.this), headers,
+                         "the failed queue")
+            return
+        delay = retry_delay(self.delays, attempts)
+        # Jitter only shortens: a message must never outlive its queue's TTL.
+        expiration_ms = int(delay * 1000 * random.uniform(0.8, 1.0))  # noqa: S311
+        LOG.warning("image %s: attempt %d of %d failed on %s (%s); retrying in about %d s",
+                    event.image_id, attempts, self.settings.max_attempts, self.nodes.this,
+                    error, delay)
+        self.forward(delivery, topology.retry_queue_name(self.nodes.this, delay), headers,
+                     "a retry queue", expiration_ms=expiration_ms)
+
+    # -- consumer_timeout ---------------------------------------------------
+
+    def next_deadline(self):
+        waiting = [d.received for d in self._held.values() if not d.settled]
+        return min(waiting) + self.refresh_after if waiting else None
+
+    def on_timer(self) -> None:
+        now = time.monotonic()
+        for delivery in list(self._held.values()):
+            if delivery.settled or now - delivery.received < self.refresh_after:
+                continue
+            delivery.settled = True  # no second refresh, and no ack by its job
+            self._requeue_held(delivery)
+
+    def _requeue_held(self, delivery) -> None:
+        message = delivery.message
+        generation = self.generation
+
+        def done(ok, reason):
+            if generation != self.generation:
+                return
+            if not ok:
+                raise Reconnect(f"re-queueing a long transfer's event: {reason}")
+            message.ack()
+
+        LOG.info("%s: an event has waited %.0f s (consumer_timeout %d s); re-queued so "
+                 "the broker keeps it", self.name, time.monotonic() - delivery.received,
+                 self.settings.broker.consumer_timeout)
+        self.publisher.publish(message.body, self.queue.name, on_done=done,
+                               headers=dict(message.headers or {}),
+                               content_type=message.content_type or "application/json")

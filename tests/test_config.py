@@ -1,0 +1,77 @@
+"""Options, Settings, and the generated sample configuration."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from oslo_config import cfg
+
+from glance_image_sync import cli, service
+from glance_image_sync.config import ConfigError, kombu_urls, redact_url
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _prepare(tmp_path, text, command="both"):
+    path = tmp_path / "glance-image-sync.conf"
+    path.write_text("[DEFAULT]\n" + text)
+    conf = cfg.ConfigOpts()
+    settings = service.prepare(conf, ["--config-file", str(path), command], cli.COMMAND_OPT)
+    return conf, settings
+
+
+def test_legacy_configuration_still_works(tmp_path):
+    conf, settings = _prepare(tmp_path, "api_nodes = node1,node2.example.com\nhost = node2\n"
+                              "rsync_user = someone\nverbose = True\n"
+                              "rabbit_notification_topic = old_topic\n")
+    assert settings.nodes.all == ("node1", "node2.example.com")
+    assert settings.nodes.this == "node2.example.com"
+    assert settings.transfer.user == "someone"
+    assert settings.topology.topic == "old_topic"
+    assert settings.topology.durable is False
+    assert settings.store.datadir == "/var/lib/glance/images"
+    assert conf.command.name == "both"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("api_nodes = node1\nhost = node7\n", "not one of api_nodes"),
+    ("api_nodes = node1\nhost = node1\nrsync_user = root;id\n", "not a user name"),
+    ("api_nodes = node1\nhost = node1\nssh_config_file = /no/such/file\n", "does not exist"),
+    ("api_nodes = node1\nhost = node1\nssh_config_file = /a b\n", "without spaces"),
+    ("api_nodes = node1\nhost = node1\nfilesystem_store_datadir = images\n", "absolute path"),
+    ("api_nodes = node1\nhost = node1\nimage_file_mode = 0999\n", "octal mode"),
+    ("api_nodes = node1\nhost = node1\nheartbeat = 2\n", "heartbeat"),
+    ("api_nodes = node1\nhost = node1\ntransport_url = redis://x/\n", "rabbit://"),
+    ("api_nodes = node1\nhost = node1\nqueue_type = stream\n", "queue_type"),
+])
+def test_bad_values_are_refused_at_start_up_with_a_reason(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        _prepare(tmp_path, text)
+
+
+def test_bad_configuration_exits_2_with_a_message(tmp_path, capsys):
+    path = tmp_path / "c.conf"
+    path.write_text("[DEFAULT]\napi_nodes = node1\nhost = elsewhere\n")
+    assert cli.main(["--config-file", str(path), "both"]) == 2
+    assert "host 'elsewhere' is not one of api_nodes" in capsys.readouterr().err
+
+
+def test_transport_urls_become_kombu_urls_and_never_show_a_password():
+    assert kombu_urls("rabbit://u:p%40ss@h1:5672,u:p@h2:5673/glance") == [
+        "amqp://u:p%40ss@h1:5672/glance", "amqp://u:p@h2:5673/glance"]
+    assert kombu_urls("rabbit://guest:guest@localhost:5672/") == [
+        "amqp://guest:guest@localhost:5672/"]
+    assert redact_url("amqp://u:s3cret@h1:5672/v") == "amqp://u:****@h1:5672/v"
+
+
+def test_sample_configuration_is_generated_and_current(tmp_path):
+    generated = tmp_path / "sample.conf"
+    subprocess.run(
+        [sys.executable, "-m", "oslo_config.generator",
+         "--config-file", str(ROOT / "etc/oslo-config-generator/glance-image-sync.conf"),
+         "--output-file", str(generated)],
+        check=True, cwd=ROOT)
+    committed = (ROOT / "etc/glance-image-sync.conf.sample").read_text()
+    assert generated.read_text() == committed, (
+        "etc/glance-image-sync.conf.sample is stale: run tools/generate-sample-config")

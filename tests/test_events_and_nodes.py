@@ -1,0 +1,83 @@
+"""Node names, and the event format of the per-node queues."""
+
+import json
+
+import pytest
+
+from glance_image_sync import events
+from glance_image_sync.events import Action, ImageEvent, Rejected
+from glance_image_sync.nodes import Nodes, normalize_hostname, same_host
+
+NODES = Nodes(["node1.example.com", "node2", "node3"], "node2.example.com")
+IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
+
+
+def test_host_names_are_matched_by_fqdn_and_by_short_name():
+    assert NODES.this == "node2"
+    assert NODES.resolve("node1") == "node1.example.com"
+    assert NODES.resolve("NODE1.example.com.") == "node1.example.com"
+    assert NODES.resolve("node1.elsewhere.org") is None
+    assert NODES.resolve("node4") is None
+    assert same_host("a.b.c", "a") and not same_host("a.b.c", "a.d.c")
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "x;y", "a/../b", "ñode", "a" * 64, None, 3,
+                                  "node1\x00", "-oProxyCommand=x"])
+def test_only_plain_host_names_pass(name):
+    assert normalize_hostname(name) is None
+
+
+def test_sources_put_the_publisher_first_and_never_this_node():
+    assert NODES.sources_for("node3") == ("node3", "node1.example.com")
+    assert NODES.sources_for(None) == ("node1.example.com", "node3")
+    assert NODES.sources_for("node2") == ("node1.example.com", "node3")
+
+
+@pytest.mark.parametrize("names, host, message", [
+    ([], "node1", "api_nodes is empty"),
+    (["node1", "node1.example.com"], "node1", "name the same node"),
+    (["node1", "bad name"], "node1", "is not a host name"),
+    (["node1", "node2"], "node9", "host 'node9' is not one of api_nodes"),
+])
+def test_bad_node_lists_are_refused_with_a_reason(names, host, message):
+    with pytest.raises(ValueError, match=message):
+        Nodes(names, host)
+
+
+def test_events_round_trip_through_the_wire_format():
+    for event in [
+        ImageEvent(Action.PRESENT, IMAGE, source="node3",
+                   checksum="9b8f6225e89197b8d67aafd6f91ce7bf",
+                   size=4194304, event_type="image.upload", message_id="m", timestamp="t"),
+        ImageEvent(Action.ABSENT, IMAGE, source=None, event_type="image.delete"),
+    ]:
+        assert events.from_wire(event.to_wire(), NODES) == event
+
+
+def _wire(**changes):
+    doc = json.loads(ImageEvent(Action.PRESENT, IMAGE, source="node3",
+                                checksum="9b8f6225e89197b8d67aafd6f91ce7bf", size=1).to_wire())
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("body, reason", [
+    (_wire(version=2), "unknown event version"),
+    (_wire(action="chmod"), "unknown action"),
+    (_wire(image_id="*"), "is not a UUID"),
+    (_wire(source="evil.example.org"), "not in api_nodes"),
+    (_wire(checksum=None), "not 32 hex digits"),
+    (_wire(size=None), "not a non-negative integer"),
+    (_wire(event_type="x" * 300), "not a short printable string"),
+    (b"null", "not a JSON object"),
+])
+def test_forged_events_on_a_node_queue_are_rejected(body, reason):
+    with pytest.raises(Rejected, match=reason):
+        events.from_wire(body, NODES)
+
+
+def test_an_image_event_cannot_be_built_invalid():
+    with pytest.raises(Rejected):
+        ImageEvent(Action.PRESENT, IMAGE, checksum=None, size=1)
+    with pytest.raises(Rejected):
+        ImageEvent(Action.ABSENT, "../x")

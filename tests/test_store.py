@@ -1,0 +1,152 @@
+"""The local image store, on a real directory (no root needed)."""
+
+import hashlib
+import os
+import stat
+
+import pytest
+
+from glance_image_sync.config import StoreSettings
+from glance_image_sync.events import Rejected
+from glance_image_sync.store import (
+    TEMP_PREFIX,
+    DiskFull,
+    ImageStore,
+    StoreError,
+    VerificationFailed,
+)
+
+IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
+DATA = b"qcow2 image bytes " * 1000
+MD5 = hashlib.md5(DATA).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    datadir = tmp_path / "images"
+    datadir.mkdir()
+    store = ImageStore(StoreSettings(datadir=str(datadir), file_mode=None,
+                                     state_dir=str(tmp_path / "state"), deleted_memory=60))
+    yield store
+    store.close()
+
+
+def _writer(data, md5=None, mode=0o640):
+    def fetch(path):
+        with open(path, "r+b") as f:
+            f.write(data)
+        return md5, mode
+    return fetch
+
+
+def _entries(store):
+    return sorted(os.listdir(store.datadir))
+
+
+def test_install_verifies_then_renames_with_source_mode(store):
+    store.install(IMAGE, len(DATA), MD5, _writer(DATA))
+    path = os.path.join(store.datadir, IMAGE)
+    with open(path, "rb") as f:
+        assert f.read() == DATA
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert _entries(store) == [IMAGE]
+    assert store.verify(IMAGE, len(DATA), MD5)
+
+
+def test_the_temporary_copy_is_private_while_it_is_written(store):
+    seen = {}
+
+    def fetch(path):
+        seen["mode"] = stat.S_IMODE(os.stat(path).st_mode)
+        seen["name"] = os.path.basename(path)
+        return _writer(DATA)(path)
+
+    store.install(IMAGE, len(DATA), MD5, fetch)
+    assert seen["mode"] == 0o600
+    assert seen["name"].startswith(TEMP_PREFIX + IMAGE)
+
+
+@pytest.mark.parametrize("data, md5, error", [
+    (DATA[:-1], None, "size"),
+    (DATA[:-1] + b"X", None, "md5"),
+    (DATA, "0" * 32, "md5"),  # what rsync reports is checked too
+])
+def test_a_copy_that_fails_verification_is_removed_never_installed(store, data, md5, error):
+    with pytest.raises(VerificationFailed, match=error):
+        store.install(IMAGE, len(DATA), MD5, _writer(data, md5))
+    assert _entries(store) == []
+
+
+def test_a_failed_fetch_leaves_no_temporary_file(store):
+    def fetch(path):
+        raise RuntimeError("peer went away")
+
+    with pytest.raises(RuntimeError):
+        store.install(IMAGE, len(DATA), MD5, fetch)
+    assert _entries(store) == []
+
+
+def test_an_image_larger_than_the_free_space_fails_before_fetching(store):
+    with pytest.raises(DiskFull, match="disk full"):
+        store.install(IMAGE, store.free_bytes() + 1, MD5, _writer(DATA))
+    assert _entries(store) == []
+
+
+def test_verify_is_false_for_missing_wrong_or_symlinked_images(store, tmp_path):
+    assert not store.verify(IMAGE, len(DATA), MD5)
+    outside = tmp_path / "outside"
+    outside.write_bytes(DATA)
+    os.symlink(outside, os.path.join(store.datadir, IMAGE))
+    assert not store.verify(IMAGE, len(DATA), MD5)
+
+
+def test_install_replaces_a_symlink_without_touching_its_target(store, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep me")
+    os.symlink(outside, os.path.join(store.datadir, IMAGE))
+    store.install(IMAGE, len(DATA), MD5, _writer(DATA))
+    assert outside.read_bytes() == b"keep me"
+    assert not os.path.islink(os.path.join(store.datadir, IMAGE))
+    assert store.verify(IMAGE, len(DATA), MD5)
+
+
+def test_remove_deletes_only_a_regular_file_named_by_the_uuid(store, tmp_path):
+    assert store.remove(IMAGE) is False
+    store.install(IMAGE, len(DATA), MD5, _writer(DATA))
+    assert store.remove(IMAGE) is True
+    assert _entries(store) == []
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep me")
+    os.symlink(outside, os.path.join(store.datadir, IMAGE))
+    with pytest.raises(StoreError, match="not a regular file"):
+        store.remove(IMAGE)
+    assert outside.read_bytes() == b"keep me"
+    for hostile in ("../outside", "/etc/passwd", "*", IMAGE.upper()):
+        with pytest.raises(Rejected):
+            store.remove(hostile)
+    assert outside.exists()
+
+
+def test_verification_is_cached_until_the_file_changes(store, monkeypatch):
+    store.install(IMAGE, len(DATA), MD5, _writer(DATA))
+    reads = []
+    import glance_image_sync.store as store_module
+    real = store_module.md5_of_fd
+    monkeypatch.setattr(store_module, "md5_of_fd", lambda fd: reads.append(fd) or real(fd))
+    for _ in range(100):
+        assert store.verify(IMAGE, len(DATA), MD5)
+    assert reads == []  # install recorded the md5 rsync reported (or computed)
+    path = os.path.join(store.datadir, IMAGE)
+    with open(path, "r+b") as f:  # same size, other bytes: a new mtime
+        f.write(b"X")
+    assert not store.verify(IMAGE, len(DATA), MD5)
+    assert len(reads) == 1
+
+
+def test_temporaries_of_a_killed_run_are_found_and_removed(store):
+    leftover = os.path.join(store.datadir, f"{TEMP_PREFIX}{IMAGE}.deadbeef")
+    open(leftover, "wb").close()
+    glance_own = os.path.join(store.datadir, ".not-ours")
+    open(glance_own, "wb").close()
+    assert store.remove_temporaries() == [os.path.basename(leftover)]
+    assert _entries(store) == [".not-ours"]

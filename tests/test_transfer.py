@@ -1,0 +1,57 @@
+"""The rsync command line and what is read back from rsync."""
+
+import os
+
+import pytest
+
+from glance_image_sync.config import TransferSettings
+from glance_image_sync.events import Rejected
+from glance_image_sync.transfer import parse_report, permission_bits, rsync_argv, subprocess_env
+
+SETTINGS = TransferSettings(user="glance", ssh_config_file="/etc/glance/ssh_config",
+                            connect_timeout=10, io_timeout=120, total_timeout=3600,
+                            bwlimit=0, remote_datadir="/var/lib/glance/images")
+IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
+
+
+def test_rsync_gets_an_argument_list_with_operands_after_a_double_dash():
+    argv = rsync_argv(SETTINGS, "node1", IMAGE, "/var/lib/glance/images/.tmp")
+    assert argv[0] == "rsync"
+    assert argv[-3:] == ["--", f"glance@node1:/var/lib/glance/images/{IMAGE}",
+                         "/var/lib/glance/images/.tmp"]
+    assert "-z" not in argv and "--compress" not in argv
+    ssh = argv[argv.index("-e") + 1]
+    assert ssh == ("ssh -o BatchMode=yes -o ConnectTimeout=10 -F /etc/glance/ssh_config")
+    assert "StrictHostKeyChecking" not in " ".join(argv)
+    assert "--timeout=120" in argv
+
+
+def test_rsync_argv_refuses_an_image_id_that_is_not_a_uuid():
+    with pytest.raises(Rejected):
+        rsync_argv(SETTINGS, "node1", "../../etc/shadow", "/tmp/x")
+
+
+def test_bandwidth_limit_is_passed_when_set():
+    settings = TransferSettings(**{**SETTINGS.__dict__, "bwlimit": 5000})
+    assert "--bwlimit=5000" in rsync_argv(settings, "node1", IMAGE, "/tmp/x")
+
+
+def test_the_report_line_gives_md5_and_mode():
+    out = "9b8f6225e89197b8d67aafd6f91ce7bf rw-r----- 4194304\n"
+    assert parse_report(out) == ("9b8f6225e89197b8d67aafd6f91ce7bf", 0o640)
+    assert parse_report("") == (None, None)
+    assert parse_report("   rw-r--r-- 0\n") == (None, 0o644)
+
+
+def test_set_id_and_sticky_bits_are_never_carried_over():
+    assert permission_bits("rwsr-sr-t") == 0o755
+    assert permission_bits("rwSr-Sr-T") == 0o644
+
+
+def test_subprocesses_get_a_minimal_environment(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/evil.so")
+    monkeypatch.setenv("HOME", "/var/lib/glance")
+    env = subprocess_env()
+    assert set(env) == {"PATH", "LC_ALL", "HOME"}
+    assert env["HOME"] == "/var/lib/glance"
+    assert os.pathsep in env["PATH"]
