@@ -93,8 +93,9 @@ def _one_shot(settings, steps) -> int:
         LOG.info("not running: %s", exc)
         return EXIT_OK
     except BrokerUnavailable as exc:
-        LOG.error("cannot reach the broker: %s", exc)
-        return EXIT_FAILED
+        unreachable = exc
+    LOG.error("cannot reach the broker: %s", unreachable)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ class ConnectionLoop:
         while not self.stop_event.is_set():
             connection = Connection(list(self.broker.urls), heartbeat=self.broker.heartbeat,
                                     connect_timeout=10, failover_strategy="round-robin")
+            error = None
             try:
                 connection.connect()
                 LOG.info("%s: connected to %s", self.name, connection.as_uri())
@@ -121,16 +122,20 @@ class ConnectionLoop:
                     return
             except (connection.connection_errors + connection.channel_errors
                     + (OSError, socket.timeout, Reconnect)) as exc:
-                self._lost(exc, backoff)
+                error = exc
             finally:
                 self.connected = False
                 self.component.connection_lost()
                 _close_quietly(connection)
+            # Logged outside the except block: oslo.log would append the
+            # exception a second time.
+            if error is not None:
+                self._lost(error, backoff)
 
     def _lost(self, exc, backoff) -> None:
         delay = backoff.next_delay()
         if self.once and backoff.attempt >= ONCE_CONNECT_ATTEMPTS:
-            raise BrokerUnavailable(f"{self.broker.redacted()}: {_describe(exc)}") from None
+            raise BrokerUnavailable(f"{self.broker.redacted()}: {_describe(exc)}")
         LOG.warning("%s: broker connection lost or refused (%s); reconnecting in %.1f s "
                     "(attempt %d)", self.name, _describe(exc), delay, backoff.attempt)
         self.stop_event.wait(delay)

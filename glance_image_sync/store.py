@@ -126,8 +126,10 @@ class ImageStore:
         """Fetch, verify and atomically install ``<id>``.
 
         ``fetch(path)`` writes the copy into the (existing, empty) file at
-        ``path`` and returns ``(md5 or None, source mode or None)``; the md5
-        is the one rsync computed over the bytes it wrote, when it reports one.
+        ``path``, giving it the source's mode, and returns the md5 rsync
+        computed over the bytes it wrote, or None to have it computed here.
+        The installed file gets ``image_file_mode`` if set, else that mode
+        (never set-id or sticky bits), and the datadir's owner and group.
         """
         name = events.image_id(image_id)
         free = self.free_bytes()
@@ -137,7 +139,7 @@ class ImageStore:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.dir_fd)
         try:
-            reported_md5, source_mode = fetch(os.path.join(self.datadir, temp))
+            reported_md5 = fetch(os.path.join(self.datadir, temp))
             st = os.fstat(fd)
             if os.stat(temp, dir_fd=self.dir_fd, follow_symlinks=False).st_ino != st.st_ino:
                 raise StoreError(f"temporary file {temp} was replaced during the transfer")
@@ -149,7 +151,7 @@ class ImageStore:
             if (st.st_uid, st.st_gid) != self.owner:
                 os.fchown(fd, *self.owner)
             os.fchmod(fd, self.file_mode if self.file_mode is not None
-                      else (source_mode if source_mode is not None else 0o644))
+                      else stat.S_IMODE(st.st_mode) & 0o777)
             os.fsync(fd)
             os.rename(temp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
             temp = None
@@ -201,9 +203,9 @@ class ImageStore:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            LOG.error("cannot remove temporary file %s in %s: %s", name, self.datadir,
-                      exc.strerror)
-            return False
+            reason = exc.strerror
+        LOG.error("cannot remove temporary file %s in %s: %s", name, self.datadir, reason)
+        return False
 
 
 def _cache_key(st):

@@ -45,8 +45,12 @@ class ImageSync:
         try:
             removed = self.store.remove(event.image_id)
         except StoreError as exc:
-            LOG.error("image %s: not deleted on %s: %s", event.image_id, self.nodes.this, exc)
-            return Outcome(True, str(exc))
+            refused = exc
+        else:
+            refused = None
+        if refused is not None:
+            LOG.error("image %s: not deleted on %s: %s", event.image_id, self.nodes.this, refused)
+            return Outcome(True, str(refused))
         self.store.remove_temporaries(event.image_id)
         if removed:
             LOG.info("image %s: deleted on %s", event.image_id, self.nodes.this)
@@ -66,21 +70,27 @@ class ImageSync:
         for node in self.nodes.sources_for(event.source):
             LOG.info("image %s: fetching from %s to %s (%d bytes)", image_id, node,
                      self.nodes.this, event.size)
-            try:
-                self.store.install(image_id, event.size, event.checksum,
-                                   lambda path, node=node: self.rsync.fetch(node, image_id, path))
-            except TransferCancelled:
+            failure = self._fetch(node, event)
+            if failure is None:
+                LOG.info("image %s: installed and verified on %s (from %s)", image_id,
+                         self.nodes.this, node)
+                return Outcome(True, f"installed from {node}")
+            if isinstance(failure, TransferCancelled):
                 return Outcome(False, "cancelled", cancelled=True)
-            except (TransferFailed, StoreError) as exc:
-                if isinstance(exc, DiskFull) or getattr(exc, "disk_full", False):
-                    LOG.error("image %s: disk full on %s: %s", image_id, self.nodes.this, exc)
-                    return Outcome(False, f"disk full: {exc}")
-                LOG.warning("image %s: copy from %s failed: %s", image_id, node, exc)
-                errors.append(f"{node}: {exc}")
-                continue
-            LOG.info("image %s: installed and verified on %s (from %s)", image_id,
-                     self.nodes.this, node)
-            return Outcome(True, f"installed from {node}")
+            if isinstance(failure, DiskFull) or getattr(failure, "disk_full", False):
+                LOG.error("image %s: disk full on %s: %s", image_id, self.nodes.this, failure)
+                return Outcome(False, f"disk full: {failure}")
+            LOG.warning("image %s: copy from %s failed: %s", image_id, node, failure)
+            errors.append(f"{node}: {failure}")
         if not errors:
             errors.append("no peer to fetch from")
         return Outcome(False, "; ".join(errors))
+
+    def _fetch(self, node, event):
+        """Install the image from ``node``; the exception that stopped it, or None."""
+        try:
+            self.store.install(event.image_id, event.size, event.checksum,
+                               lambda path: self.rsync.fetch(node, event.image_id, path))
+        except (TransferFailed, StoreError) as exc:
+            return exc
+        return None

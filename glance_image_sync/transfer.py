@@ -11,6 +11,9 @@ it costs CPU), ``--whole-file`` (the destination is a new empty file, there is
 no basis to diff against), and ``--checksum-choice=md5`` with
 ``--out-format=%C``: rsync reports the md5 of the bytes it received, which
 spares a second read of the whole file to verify it.
+
+``--perms`` carries the source's mode over; rsync applies it only once the
+whole file is in, so until then the copy keeps the 0600 it was created with.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from glance_image_sync import events
 LOG = logging.getLogger(__name__)
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_REPORT_RE = re.compile(r"(?P<md5>[0-9a-f]{32})?\s*(?P<perms>[-rwxsStT]{9})\s+(?P<size>\d+)")
+_REPORT_RE = re.compile(r"(?P<md5>[0-9a-f]{32})?\s*(?P<size>\d+)")
 
 
 class TransferFailed(Exception):
@@ -54,9 +57,10 @@ def rsync_argv(settings, node: str, image_id: str, dest: str) -> list:
         "--whole-file",
         "--ignore-times",
         "--inplace",
+        "--perms",
         f"--timeout={settings.io_timeout}",
         "--checksum-choice=md5",
-        "--out-format=%C %B %l",
+        "--out-format=%C %l",
         "-e", " ".join(ssh),
     ]
     if settings.bwlimit:
@@ -73,22 +77,13 @@ def subprocess_env() -> dict:
     return env
 
 
-def parse_report(stdout: str):
-    """(md5 or None, mode or None) from rsync's ``%C %B %l`` line."""
+def parse_report(stdout: str) -> str | None:
+    """The md5 in rsync's ``%C %l`` line, if it reported one."""
     for line in reversed(stdout.splitlines()):
         match = _REPORT_RE.fullmatch(line.strip())
         if match:
-            return match.group("md5"), permission_bits(match.group("perms"))
-    return None, None
-
-
-def permission_bits(perms: str) -> int:
-    """0o644 from 'rw-r--r--'; set-id and sticky bits are never carried over."""
-    mode = 0
-    for index, char in enumerate(perms):
-        if char not in "-ST":
-            mode |= 1 << (8 - index)
-    return mode
+            return match.group("md5")
+    return None
 
 
 class Rsync:
@@ -101,7 +96,7 @@ class Rsync:
         self._cancelled = False
 
     def fetch(self, node: str, image_id: str, dest: str):
-        """Copy the image into ``dest``; return (reported md5, source mode)."""
+        """Copy the image into ``dest``; return the md5 rsync reports, if any."""
         argv = rsync_argv(self.settings, node, image_id, dest)
         LOG.debug("running %s", argv)
         with self._lock:
@@ -129,7 +124,7 @@ class Rsync:
         text = stderr.decode("utf-8", "replace")
         if proc.returncode != 0:
             raise TransferFailed(
-                f"rsync from {node} exited {proc.returncode}: {_last_lines(text)}",
+                f"rsync from {node} exited {proc.returncode}: {_first_line(text)}",
                 disk_full="No space left on device" in text,
             )
         return parse_report(stdout.decode("utf-8", "replace"))
@@ -149,6 +144,7 @@ def _kill_group(proc) -> None:
         pass
 
 
-def _last_lines(text: str, count: int = 2) -> str:
+def _first_line(text: str) -> str:
+    """rsync and ssh name the cause first; what follows is its consequences."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " / ".join(lines[-count:])[:500] or "no message"
+    return lines[0][:500] if lines else "no message"

@@ -32,10 +32,12 @@ def store(tmp_path):
 
 
 def _writer(data, md5=None, mode=0o640):
+    """What rsync --perms does: write the bytes, then give the source's mode."""
     def fetch(path):
         with open(path, "r+b") as f:
             f.write(data)
-        return md5, mode
+        os.chmod(path, mode)
+        return md5
     return fetch
 
 
@@ -51,6 +53,11 @@ def test_install_verifies_then_renames_with_source_mode(store):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert _entries(store) == [IMAGE]
     assert store.verify(IMAGE, len(DATA), MD5)
+
+
+def test_set_id_bits_of_the_source_are_never_installed(store):
+    store.install(IMAGE, len(DATA), MD5, _writer(DATA, mode=0o4755))
+    assert stat.S_IMODE(os.stat(os.path.join(store.datadir, IMAGE)).st_mode) == 0o755
 
 
 def test_the_temporary_copy_is_private_while_it_is_written(store):

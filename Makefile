@@ -1,0 +1,22 @@
+# The two commands a newcomer needs (both install what they need first):
+#   make demo   a real three-node cluster on this machine: an image replicated, then deleted
+#   make test   the whole test suite (unit, broker and cluster tiers)
+.PHONY: deps demo test unit lint sample-config bench
+
+deps:
+	tools/install-deps
+
+demo: deps
+	.venv/bin/python -m tools.demo
+
+test: deps lint
+	.venv/bin/python -m pytest
+
+unit:
+	.venv/bin/python -m pytest -m "not cluster and not broker"
+
+lint:
+	.venv/bin/ruff check .
+
+sample-config:
+	PYTHON=.venv/bin/python tools/generate-sample-config

@@ -1,0 +1,45 @@
+"""Fixtures for the integration tiers: a virtual host, a local cluster.
+
+Unit tests need none of this. ``-m "not cluster and not broker"`` runs only
+them; the integration tiers fail loudly (they are not skipped) when what they
+need is missing, except for root, without which they cannot run at all.
+"""
+
+import os
+import uuid
+
+import pytest
+
+from tools.localcluster import LocalCluster, broker_running, rabbitmqctl
+
+
+def _need_broker():
+    if not broker_running():
+        pytest.fail("RabbitMQ is not running on 127.0.0.1:5672 (rabbitmq-server -detached)")
+
+
+@pytest.fixture
+def vhost():
+    """A RabbitMQ virtual host of this test's own; yields its kombu URL."""
+    _need_broker()
+    if os.geteuid() != 0:
+        pytest.skip("creating a virtual host needs rabbitmqctl, as root")
+    name = f"gis-test-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield name
+    finally:
+        if broker_running():
+            rabbitmqctl("delete_vhost", name, check=False)
+
+
+@pytest.fixture
+def cluster(request):
+    """A started three-node local cluster; options from @pytest.mark.cluster_config."""
+    _need_broker()
+    if os.geteuid() != 0:
+        pytest.skip("the local cluster needs root")
+    marker = request.node.get_closest_marker("cluster_config")
+    with LocalCluster(extra_config=marker.kwargs if marker else None) as started:
+        yield started

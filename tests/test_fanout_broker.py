@@ -1,0 +1,147 @@
+"""The fan-out against the real RabbitMQ: formats, flags, confirms, returns."""
+
+import json
+import subprocess
+import threading
+
+import kombu
+import pytest
+from oslo_config import cfg
+
+from glance_image_sync import app, cli, service, topology
+from tests.fixtures import notification_files
+from tests.test_notifications import EXPECTED
+from tools.localcluster import rabbitmqctl, wait_for
+
+pytestmark = pytest.mark.broker
+NODES = ("node1", "node2", "node3")
+
+
+def settings_for(vhost, tmp_path, **options):
+    values = {"api_nodes": ",".join(NODES), "host": "node1",
+              "transport_url": f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
+              "state_dir": str(tmp_path / "state"), **options}
+    path = tmp_path / "test.conf"
+    path.write_text("[DEFAULT]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+    return service.prepare(cfg.ConfigOpts(), ["--config-file", str(path), "both"],
+                           cli.COMMAND_OPT)
+
+
+def url(vhost):
+    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+
+
+def drain(vhost, queue):
+    """Every message in ``queue``: [(body, headers)], acked."""
+    found = []
+    with kombu.Connection(url(vhost)) as connection:
+        channel = connection.channel()
+        while (message := channel.basic_get(queue)) is not None:
+            found.append((message.body, message.headers))
+            channel.basic_ack(message.delivery_tag)
+    return found
+
+
+def exchange_flags(vhost):
+    out = rabbitmqctl("list_exchanges", "-p", vhost, "name", "durable").stdout
+    return dict(line.split() for line in out.splitlines() if line.startswith("glance"))
+
+
+def publish(vhost, bodies, routing_key="glance_notifications.info"):
+    with kombu.Connection(url(vhost)) as connection:
+        producer = connection.Producer()
+        for body in bodies:
+            producer.publish(body, exchange="glance", routing_key=routing_key,
+                             content_type="application/json", serializer=None)
+
+
+def test_every_captured_notification_is_fanned_out_as_its_event(vhost, tmp_path):
+    settings = settings_for(vhost, tmp_path)
+    loop = app.fanout_loop(settings, once=True)
+    loop.run()  # declares the exchange and queue the way Glance would
+    publish(vhost, [body for _, body in notification_files()])
+    loop.run()
+    loop.close()
+
+    expected = [(name, kind, image) for name, (kind, image) in sorted(EXPECTED.items())
+                if kind != "ignored"]
+    for node in NODES:
+        events = [json.loads(body) for body, _ in drain(vhost, topology.node_queue_name(node))]
+        assert len(events) == len(expected)
+        got = sorted((e["action"], e["image_id"], e["checksum"], e["size"]) for e in events)
+        want = sorted((kind, image[0], image[1] if kind == "present" else None,
+                       image[2] if kind == "present" else None)
+                      for _, kind, image in expected)
+        assert got == want
+    assert loop.component.rejected == 0
+    assert drain(vhost, "glance_notifications.info") == []
+
+
+def test_glances_exchange_is_never_made_durable_and_glance_can_still_publish(vhost, tmp_path):
+    loop = app.fanout_loop(settings_for(vhost, tmp_path), once=True)
+    loop.run()
+    loop.close()
+    assert exchange_flags(vhost) == {"glance": "false"}
+    # Glance (oslo.messaging, amqp_durable_queues = false) publishes without a 406.
+    _oslo_notify(vhost)
+    assert len(drain(vhost, "glance_notifications.info")) == 1
+
+
+def test_an_existing_durable_setup_is_used_as_it_is(vhost, tmp_path):
+    # Glance with amqp_durable_queues = true declared everything durable first.
+    _oslo_notify(vhost, durable=True)
+    loop = app.fanout_loop(settings_for(vhost, tmp_path), once=True)  # configured non-durable
+    loop.run()
+    loop.close()
+    assert exchange_flags(vhost) == {"glance": "true"}
+    assert loop.component.handled == 1
+    assert len(drain(vhost, topology.node_queue_name("node2"))) == 1
+
+
+def _oslo_notify(vhost, durable=False):
+    """One image.upload published by oslo.messaging in a separate process."""
+    script = f"""
+import oslo_messaging
+from oslo_config import cfg
+conf = cfg.ConfigOpts()
+conf([])
+oslo_messaging.set_transport_defaults("glance")
+transport = oslo_messaging.get_notification_transport(
+    conf, url="rabbit://guest:guest@127.0.0.1:5672/{vhost}")
+conf.set_override("amqp_durable_queues", {durable}, group="oslo_messaging_rabbit")
+notifier = oslo_messaging.Notifier(transport, publisher_id="image.node2",
+                                   driver="messagingv2", topics=["glance_notifications"])
+notifier.info({{}}, "image.upload", {{"id": "b90e9b0f-36ce-43c1-b08c-9b4201f6571f",
+    "status": "active", "checksum": "9b8f6225e89197b8d67aafd6f91ce7bf", "size": 4194304}})
+transport.cleanup()
+"""
+    import sys
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
+                   capture_output=True)
+
+
+def test_a_copy_that_cannot_be_routed_leaves_the_notification_for_a_redelivery(vhost,
+                                                                              tmp_path):
+    settings = settings_for(vhost, tmp_path)
+    stop = threading.Event()
+    loop = app.fanout_loop(settings, stop_event=stop)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    try:
+        wait_for(lambda: loop.connected, 20, what="the fan-out to connect")
+        # An operator deletes node3's queue while the fan-out runs.
+        rabbitmqctl("delete_queue", "-p", vhost, topology.node_queue_name("node3"))
+        publish(vhost, [body for name, body in notification_files()
+                        if name == "real-glance-33/04-image.upload.json"])
+        # The copy to node3 comes back unroutable: the notification is not
+        # acked; the fan-out reconnects, declares node3's queue again, and the
+        # redelivered notification reaches every node.
+        wait_for(lambda: loop.component.handled >= 1, 30, what="the redelivery")
+    finally:
+        loop.stop()
+        thread.join(30)
+        loop.close()
+    assert not thread.is_alive()
+    for node in NODES:
+        assert len(drain(vhost, topology.node_queue_name(node))) >= 1, node
+    assert drain(vhost, "glance_notifications.info") == []

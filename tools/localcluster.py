@@ -1,0 +1,362 @@
+"""A real three-node glance-api cluster on one machine (DESIGN.md).
+
+Each node is a mount namespace in which its own directory is bind-mounted on
+``/var/lib/glance/images``, so every node uses the same path as real hosts do.
+Each node runs its own sshd on its own loopback address (127.0.0.11, .12, ...)
+inside that namespace, and glance-image-sync runs there too, with a
+configuration of its own. All nodes share the real RabbitMQ on 127.0.0.1:5672,
+in a virtual host of their own that is deleted afterwards. Stopping a node's
+sshd or daemon, or restarting RabbitMQ, are real faults.
+
+Used by the integration tests, the demo and the benchmarks. Needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATADIR = "/var/lib/glance/images"
+SSH_PORT = 2222
+BROKER = "127.0.0.1:5672"
+FIXTURE = ROOT / "tests/fixtures/notifications/real-glance-33/04-image.upload.json"
+# Installed images get the owner of the datadir; these ids need no user.
+STORE_UID = STORE_GID = 4242
+
+
+def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
+    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def rabbitmqctl(*args, check=True):
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True,
+                          text=True, timeout=120)
+
+
+def broker_running() -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5672), 1):
+        return True
+    return False
+
+
+def md5_of(path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Node:
+    def __init__(self, cluster, index):
+        self.cluster = cluster
+        self.name = f"node{index}"
+        self.address = f"127.0.0.{10 + index}"
+        self.dir = cluster.base / self.name
+        self.images = self.dir / "images"
+        self.state = self.dir / "state"
+        self.config = self.dir / "glance-image-sync.conf"
+        self.log = self.dir / "glance-image-sync.log"
+        self.holder = None
+        self.sshd = None
+        self.daemon = None
+
+    # -- the namespace -----------------------------------------------------
+
+    def start_namespace(self):
+        for path in (self.images, self.state, self.dir / "ssh"):
+            path.mkdir(parents=True, exist_ok=True)
+        os.chown(self.images, STORE_UID, STORE_GID)
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+             f'mount --bind "$1" {DATADIR} && echo ready && exec sleep infinity',
+             "holder", str(self.images)],
+            stdout=subprocess.PIPE, text=True)
+        if self.holder.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{self.name}: could not set up its mount namespace")
+
+    def command(self, argv) -> list:
+        """``argv`` as run inside this node's mount namespace."""
+        return ["nsenter", "--target", str(self.holder.pid), "--mount", "--", *argv]
+
+    # -- sshd --------------------------------------------------------------
+
+    def start_sshd(self):
+        key = self.dir / "ssh/host_ed25519"
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                           check=True)
+        config = self.dir / "ssh/sshd_config"
+        config.write_text("\n".join([
+            f"ListenAddress {self.address}:{SSH_PORT}",
+            f"HostKey {key}",
+            f"AuthorizedKeysFile {self.cluster.authorized_keys}",
+            "PidFile none",
+            "UsePAM no",
+            "StrictModes no",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password",
+            "LogLevel ERROR",
+            "",
+        ]))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        log = open(self.dir / "sshd.log", "ab")  # noqa: SIM115 - lives with the process
+        self.sshd = subprocess.Popen(self.command(["/usr/sbin/sshd", "-D", "-e", "-f",
+                                                   str(config)]),
+                                     stdout=log, stderr=log)
+        log.close()
+        wait_for(self.sshd_accepts, 15, what=f"{self.name}'s sshd")
+
+    def sshd_accepts(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.address, SSH_PORT),
+                                                                    0.5):
+            return True
+        return False
+
+    def stop_sshd(self):
+        _terminate(self.sshd)
+        self.sshd = None
+
+    def host_key_line(self) -> str:
+        public = (self.dir / "ssh/host_ed25519.pub").read_text().split()
+        return f"[{self.address}]:{SSH_PORT} {public[0]} {public[1]}"
+
+    # -- glance-image-sync -------------------------------------------------
+
+    def write_config(self, extra: dict):
+        options = {
+            "api_nodes": ",".join(n.name for n in self.cluster.nodes),
+            "host": self.name,
+            "rsync_user": "root",
+            "transport_url": self.cluster.transport_url,
+            "ssh_config_file": str(self.cluster.ssh_config),
+            "state_dir": str(self.state),
+            "filesystem_store_datadir": DATADIR,
+            "retry_delays": "1,2",
+            "log_file": str(self.log),
+            **extra,
+        }
+        self.config.write_text(
+            "[DEFAULT]\n" + "".join(f"{key} = {value}\n" for key, value in options.items()))
+
+    def argv(self, *args) -> list:
+        return self.command([*self.cluster.program, "--config-file", str(self.config), *args])
+
+    def run(self, *args, timeout=300) -> subprocess.CompletedProcess:
+        """Run a glance-image-sync command on this node; return its result."""
+        return subprocess.run(self.argv(*args), capture_output=True, text=True,
+                              timeout=timeout, env=self.cluster.env)
+
+    def spawn(self, *args, **popen) -> subprocess.Popen:
+        popen.setdefault("stdout", subprocess.DEVNULL)
+        popen.setdefault("stderr", subprocess.DEVNULL)
+        return subprocess.Popen(self.argv(*args), env=self.cluster.env, **popen)
+
+    # -- the store, seen from outside ----------------------------------------
+
+    def path(self, image_id) -> pathlib.Path:
+        return self.images / image_id
+
+    def has(self, image_id, md5=None) -> bool:
+        path = self.path(image_id)
+        return path.is_file() and (md5 is None or md5_of(path) == md5)
+
+    def files(self) -> list:
+        return sorted(os.listdir(self.images))
+
+    def stop(self):
+        _terminate(self.daemon)
+        self.stop_sshd()
+        _terminate(self.holder)
+
+
+class LocalCluster:
+    def __init__(self, size=3, base=None, extra_config=None):
+        self.base = pathlib.Path(base or tempfile.mkdtemp(prefix="gis-cluster-"))
+        self.vhost = f"gis-{uuid.uuid4().hex[:12]}"
+        self.transport_url = f"rabbit://guest:guest@{BROKER}/{self.vhost}"
+        self.nodes = [Node(self, index) for index in range(1, size + 1)]
+        self.authorized_keys = self.base / "authorized_keys"
+        self.ssh_config = self.base / "ssh_config"
+        self.client_key = self.base / "client_ed25519"
+        self.extra_config = dict(extra_config or {})
+        script = pathlib.Path(sys.executable).with_name("glance-image-sync")
+        self.program = [str(script)] if script.exists() else [sys.executable, "-m",
+                                                              "glance_image_sync.cli"]
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.base),
+                    "LC_ALL": "C"}
+        self._notifiers = {}
+
+    def __getitem__(self, name) -> Node:
+        return next(node for node in self.nodes if node.name == name)
+
+    def start(self):
+        if os.geteuid() != 0:
+            raise RuntimeError("the local cluster needs root (mount namespaces, sshd)")
+        for program in ("rsync", "/usr/sbin/sshd", "unshare", "nsenter", "rabbitmqctl"):
+            if not shutil.which(program):
+                raise RuntimeError(f"{program} is not installed (see .ci/install)")
+        os.makedirs(DATADIR, exist_ok=True)
+        rabbitmqctl("add_vhost", self.vhost)
+        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(self.client_key)], check=True)
+        self.authorized_keys.write_text((self.base / "client_ed25519.pub").read_text())
+        for node in self.nodes:
+            node.start_namespace()
+            node.start_sshd()
+        (self.base / "known_hosts").write_text(
+            "".join(node.host_key_line() + "\n" for node in self.nodes))
+        self.ssh_config.write_text("".join(
+            f"Host {node.name}\n  HostName {node.address}\n  Port {SSH_PORT}\n" for node in
+            self.nodes) + "\n".join([
+                "Host *",
+                f"  IdentityFile {self.client_key}",
+                "  IdentitiesOnly yes",
+                f"  UserKnownHostsFile {self.base / 'known_hosts'}",
+                "  StrictHostKeyChecking yes",
+                "  LogLevel ERROR",
+                "",
+            ]))
+        for node in self.nodes:
+            node.write_config(self.extra_config)
+        return self
+
+    def stop(self):
+        for node in self.nodes:
+            node.stop()
+        for notifier in self._notifiers.values():
+            with contextlib.suppress(Exception):
+                notifier.transport.cleanup()
+        if broker_running():
+            rabbitmqctl("delete_vhost", self.vhost, check=False)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- Glance's side -----------------------------------------------------
+
+    def new_image(self, node_name, size=4 * 1024 * 1024, mode=0o640, data=None):
+        """Write an image into a node's store as Glance would; return (id, md5, size)."""
+        image_id = str(uuid.uuid4())
+        path = self[node_name].path(image_id)
+        with open(path, "wb") as f:
+            if data is not None:
+                f.write(data)
+            else:
+                remaining = size
+                while remaining:
+                    chunk = os.urandom(min(remaining, 1 << 20))
+                    f.write(chunk)
+                    remaining -= len(chunk)
+        os.chmod(path, mode)
+        os.chown(path, STORE_UID, STORE_GID)
+        return image_id, md5_of(path), path.stat().st_size
+
+    def notifier(self, publisher="node1"):
+        """oslo.messaging's Notifier, set up the way Glance sets up its own."""
+        if publisher not in self._notifiers:
+            import warnings
+
+            from oslo_config import cfg
+
+            with warnings.catch_warnings():  # oslo.messaging still imports eventlet
+                warnings.simplefilter("ignore")
+                import oslo_messaging
+
+            conf = cfg.ConfigOpts()
+            conf([], project="glance")
+            oslo_messaging.set_transport_defaults("glance")
+            transport = oslo_messaging.get_notification_transport(conf,
+                                                                  url=self.transport_url)
+            self._notifiers[publisher] = oslo_messaging.Notifier(
+                transport, publisher_id=f"image.{publisher}", driver="messagingv2",
+                topics=["notifications", "glance_notifications"])
+        return self._notifiers[publisher]
+
+    def notify(self, event_type, image_id, checksum=None, size=None, publisher="node1",
+               status="active", deleted=False):
+        """Publish one Glance image notification (payload as Glance 33 lays it out)."""
+        payload = copy.deepcopy(_glance_payload())
+        payload.update(id=image_id, checksum=checksum, size=size, status=status,
+                       deleted=deleted)
+        self.notifier(publisher).info({}, event_type, payload)
+
+    def upload(self, image_id, checksum, size, publisher="node1"):
+        """The notifications of one upload, in Glance 33's order."""
+        for event_type in ("image.upload", "image.activate", "image.update"):
+            self.notify(event_type, image_id, checksum, size, publisher)
+
+    def delete(self, image_id, checksum=None, size=None, publisher="node1"):
+        self.notify("image.delete", image_id, checksum, size, publisher, status="deleted",
+                    deleted=True)
+
+    def publish_raw(self, body: bytes, routing_key="glance_notifications.info",
+                    exchange="glance"):
+        """Put exactly these bytes on the broker (forged or captured messages)."""
+        import kombu
+
+        with kombu.Connection(self.kombu_url) as connection:
+            producer = connection.Producer()
+            producer.publish(body, exchange=exchange, routing_key=routing_key,
+                             content_type="application/json", content_encoding="utf-8",
+                             serializer=None, retry=True)
+
+    @property
+    def kombu_url(self) -> str:
+        return f"amqp://guest:guest@{BROKER}/{self.vhost}"
+
+    def queue_depths(self) -> dict:
+        out = rabbitmqctl("list_queues", "-p", self.vhost, "name", "messages").stdout
+        depths = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                depths[parts[0]] = int(parts[1])
+        return depths
+
+
+def _glance_payload() -> dict:
+    message = json.loads(json.loads(FIXTURE.read_text())["body"])
+    return json.loads(message["oslo.message"])["payload"]
+
+
+def _terminate(proc, timeout=10):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
