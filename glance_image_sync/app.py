@@ -30,7 +30,7 @@ def run_lock(settings) -> RunLock:
     except OSError as exc:
         raise ConfigError(f"cannot create state_dir {settings.store.state_dir}: "
                           f"{exc.strerror}") from None
-    return RunLock(settings.store.state_dir)
+    return RunLock.in_dir(settings.store.state_dir)
 
 
 def fanout_loop(settings, stop_event=None, once=False) -> ConnectionLoop:

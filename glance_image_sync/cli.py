@@ -1,5 +1,10 @@
 """The ``glance-image-sync`` command.
 
+``daemon``
+    the long-running service: the fan-out and this node's sync worker as
+    event-driven consumers, under systemd (``Type=notify``) or, with
+    ``--daemonize``, detached with a pidfile.
+
 One-shot commands for cron (``*/5 * * * * glance-image-sync both``):
 
 ``duplicate-notifications``
@@ -24,7 +29,8 @@ from oslo_log import log as logging
 from glance_image_sync import app, service
 from glance_image_sync.config import ConfigError
 from glance_image_sync.loop import BrokerUnavailable
-from glance_image_sync.runlock import AlreadyRunning
+from glance_image_sync.runlock import AlreadyRunning, RunLock
+from glance_image_sync.supervisor import Supervisor
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +38,11 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def _add_commands(subparsers):
+    daemon = subparsers.add_parser(
+        "daemon", help="run the fan-out and this node's sync worker until stopped")
+    daemon.add_argument("--daemonize", action="store_true",
+                        help="detach from the terminal (for hosts without systemd)")
+    daemon.add_argument("--pidfile", help="with --daemonize: write the daemon's pid here")
     subparsers.add_parser("duplicate-notifications",
                           help="copy Glance's notifications into every node's queue, then exit")
     subparsers.add_parser("sync-images",
@@ -76,10 +87,30 @@ def main(argv=None) -> int:
     conf = cfg.ConfigOpts()
     try:
         settings = service.prepare(conf, sys.argv[1:] if argv is None else argv, COMMAND_OPT)
+        if conf.command.name == "daemon":
+            return _daemon(conf, settings)
         return _one_shot(settings, ONE_SHOT[conf.command.name])
     except ConfigError as exc:
         print(f"glance-image-sync: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _daemon(conf, settings) -> int:
+    if not conf.command.daemonize:
+        return Supervisor(conf, settings).run()
+    if not (conf.log_file or conf.use_syslog or conf.use_journal):
+        raise ConfigError("--daemonize needs log_file, use_syslog or use_journal: "
+                          "a detached daemon has no terminal to log to")
+    import daemon
+
+    pidfile = RunLock(conf.command.pidfile, remove_on_release=True) \
+        if conf.command.pidfile else None
+    # DaemonContext closes every descriptor opened before it: logging is set
+    # up again inside, and the supervisor opens its sockets, pipes and store
+    # only there.
+    with daemon.DaemonContext(pidfile=pidfile, umask=0o027, working_directory="/"):
+        service.setup_logging(conf)
+        return Supervisor(conf, settings).run()
 
 
 def _one_shot(settings, steps) -> int:

@@ -95,6 +95,10 @@ class QueueConsumer:
         ready = self.queue.queue_declare(passive=True).message_count
         return ready == 0 and not self.in_flight and not self.publisher.pending
 
+    def set_nodes(self, nodes) -> None:
+        """Take a reloaded api_nodes (on the connection thread)."""
+        self.nodes = nodes
+
     # -- helpers -----------------------------------------------------------
 
     def _on_message(self, message) -> None:

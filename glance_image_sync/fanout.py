@@ -34,6 +34,11 @@ class FanOut(QueueConsumer):
         topology.declare_own_queues(channel, self.nodes.all, self.settings.topology)
         return topology.declare_notification_queue(connection, self.settings.topology)
 
+    def set_nodes(self, nodes) -> None:
+        super().set_nodes(nodes)
+        if self.channel is not None:  # a new node's queue collects events from now on
+            topology.declare_own_queues(self.channel, nodes.all, self.settings.topology)
+
     def on_delivery(self, delivery) -> None:
         try:
             result = notifications.parse(delivery.message.body, self.nodes)

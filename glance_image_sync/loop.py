@@ -35,10 +35,12 @@ import threading
 import time
 
 from kombu import Connection
+from kombu.exceptions import OperationalError
 from oslo_log import log as logging
 
 LOG = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT = 5
 # A one-shot run gives up on an unreachable broker after this many tries.
 ONCE_CONNECT_ATTEMPTS = 3
 # In once mode, how long the queue must be quiet before asking if it is empty.
@@ -76,7 +78,9 @@ class ConnectionLoop:
         self.stop_event = stop_event or threading.Event()
         self.once = once
         self.connected = False
+        self.outage = None  # (since, reason) while the broker cannot be reached
         self.last_progress = time.monotonic()
+        self.on_change = None  # called (on this loop's thread) when connected changes
         self._calls = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -110,21 +114,27 @@ class ConnectionLoop:
         backoff = Backoff()
         while not self.stop_event.is_set():
             connection = Connection(list(self.broker.urls), heartbeat=self.broker.heartbeat,
-                                    connect_timeout=10, failover_strategy="round-robin")
+                                    connect_timeout=CONNECT_TIMEOUT,
+                                    failover_strategy="round-robin")
             error = None
             try:
-                connection.connect()
+                # Each broker once, without kombu's own (uninterruptible) sleeps:
+                # the backoff below waits on the stop event instead.
+                connection.ensure_connection(max_retries=len(self.broker.urls) - 1,
+                                             interval_start=0, interval_step=0,
+                                             interval_max=0)
                 LOG.info("%s: connected to %s", self.name, connection.as_uri())
-                backoff.reset()
                 self.component.start(connection, self)
-                self.connected = True
+                backoff.reset()
+                self._set_connected(True)
+                self.outage = None
                 if self._serve(connection):
                     return
             except (connection.connection_errors + connection.channel_errors
-                    + (OSError, socket.timeout, Reconnect)) as exc:
+                    + (OSError, socket.timeout, OperationalError, Reconnect)) as exc:
                 error = exc
             finally:
-                self.connected = False
+                self._set_connected(False)
                 self.component.connection_lost()
                 _close_quietly(connection)
             # Logged outside the except block: oslo.log would append the
@@ -132,13 +142,26 @@ class ConnectionLoop:
             if error is not None:
                 self._lost(error, backoff)
 
+    def _set_connected(self, connected: bool) -> None:
+        changed = connected != self.connected
+        self.connected = connected
+        if changed and self.on_change is not None:
+            self.on_change()
+
     def _lost(self, exc, backoff) -> None:
         delay = backoff.next_delay()
         if self.once and backoff.attempt >= ONCE_CONNECT_ATTEMPTS:
             raise BrokerUnavailable(f"{self.broker.redacted()}: {_describe(exc)}")
+        if self.outage is None:
+            self.outage = (time.time(), _describe(exc))
         LOG.warning("%s: broker connection lost or refused (%s); reconnecting in %.1f s "
                     "(attempt %d)", self.name, _describe(exc), delay, backoff.attempt)
-        self.stop_event.wait(delay)
+        deadline = time.monotonic() + delay
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            # Waiting is progress too: a broker outage is no reason for the
+            # watchdog to restart us.
+            self.stop_event.wait(min(1.0, deadline - time.monotonic()))
+            self.last_progress = time.monotonic()
 
     def _serve(self, connection) -> bool:
         """Dispatch frames and calls until stopped; True when done for good."""

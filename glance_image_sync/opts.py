@@ -14,9 +14,10 @@ cluster_opts = [
     cfg.ListOpt(
         "api_nodes",
         default=[],
+        mutable=True,
         help="Every glance-api node whose image store is kept in step, by short "
         "host name or FQDN, as ssh reaches it. One durable queue is declared "
-        "per node. Required.",
+        "per node. Required. The daemon re-reads it on SIGHUP.",
     ),
     cfg.StrOpt(
         "host",

@@ -1,8 +1,10 @@
-"""One run at a time per node: an flock on ``<state_dir>/lock``.
+"""One process at a time per node: an flock on a file that names its holder.
 
 The kernel drops an flock when its holder dies, however it dies, so a crashed
-run never blocks the next one. The daemon holds the same lock for its whole
-life, which keeps a forgotten crontab line from running beside it.
+run never blocks the next one. Cron runs and the daemon take the same lock
+(``<state_dir>/lock``), which keeps a forgotten crontab line from running
+beside the daemon. ``--daemonize``'s pidfile is the same kind of lock, removed
+on a clean exit.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ import os
 
 
 class AlreadyRunning(Exception):
-    """Another run holds the lock; the message names its pid."""
+    """Another process holds the lock; the message names its pid."""
 
 
 class RunLock:
-    def __init__(self, state_dir: str):
-        self.path = os.path.join(state_dir, "lock")
+    def __init__(self, path: str, remove_on_release: bool = False):
+        self.path = path
+        self.remove_on_release = remove_on_release
         self._fd = None
 
+    @classmethod
+    def in_dir(cls, state_dir: str) -> RunLock:
+        return cls(os.path.join(state_dir, "lock"))
+
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -35,9 +42,15 @@ class RunLock:
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        if self.remove_on_release:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self._fd)
+        self._fd = None
 
     def __enter__(self):
         self.acquire()

@@ -30,10 +30,21 @@ def prepare(conf, argv, command_opt) -> Settings:
     default_files = [DEFAULT_CONFIG_FILE] if os.path.exists(DEFAULT_CONFIG_FILE) else []
     try:
         conf(argv, project="glance", prog=PROG, default_config_files=default_files)
-        logging.setup(conf, PROG)
+        setup_logging(conf)
         settings = Settings.from_conf(conf)
     except cfg.Error as exc:
         raise ConfigError(str(exc)) from None
     if conf.debug:
-        conf.log_opt_values(LOG, logging.DEBUG)
+        conf.log_opt_values(LOG, logging.DEBUG)  # transport_url is secret: shown as ****
     return settings
+
+
+def setup_logging(conf) -> None:
+    if conf.use_journal:
+        try:
+            import systemd.journal  # noqa: F401
+        except ImportError:
+            raise ConfigError("use_journal needs the systemd Python bindings "
+                              "(python3-systemd, or pip install glance-image-sync[journal]); "
+                              "under systemd, stdout already reaches the journal") from None
+    logging.setup(conf, PROG)

@@ -129,6 +129,11 @@ class Rsync:
             )
         return parse_report(stdout.decode("utf-8", "replace"))
 
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
     def cancel_all(self) -> None:
         with self._lock:
             self._cancelled = True

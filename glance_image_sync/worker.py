@@ -68,6 +68,10 @@ class SyncWorker(QueueConsumer):
         topology.declare_own_queues(channel, [self.nodes.this], self.settings.topology)
         return topology.node_queues(self.nodes.this, self.settings.topology)[0]
 
+    def set_nodes(self, nodes) -> None:
+        super().set_nodes(nodes)
+        self.image_sync.nodes = nodes
+
     def connection_lost(self) -> None:
         super().connection_lost()
         self._held.clear()

@@ -176,7 +176,7 @@ def dead_letter_reasons(cluster):
 def test_a_second_run_while_one_holds_the_lock_exits_quietly(cluster):
     from glance_image_sync.runlock import RunLock
 
-    with RunLock(str(cluster["node2"].state)):
+    with RunLock.in_dir(str(cluster["node2"].state)):
         result = cluster["node2"].run("both")
     assert result.returncode == 0
     assert "holds" in cluster["node2"].log.read_text()

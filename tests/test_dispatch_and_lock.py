@@ -57,10 +57,10 @@ def test_a_failing_job_does_not_stall_its_key():
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
-    with RunLock(str(tmp_path)):
+    with RunLock.in_dir(str(tmp_path)):
         with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"):
-            RunLock(str(tmp_path)).acquire()
-    with RunLock(str(tmp_path)):
+            RunLock.in_dir(str(tmp_path)).acquire()
+    with RunLock.in_dir(str(tmp_path)):
         pass
 
 
@@ -68,14 +68,15 @@ def test_a_killed_holder_does_not_block_the_next_run(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from glance_image_sync.runlock import RunLock; "
-         f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
+         f"RunLock.in_dir({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+         "time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(AlreadyRunning):
-            RunLock(str(tmp_path)).acquire()
+            RunLock.in_dir(str(tmp_path)).acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with RunLock(str(tmp_path)):
+    with RunLock.in_dir(str(tmp_path)):
         pass

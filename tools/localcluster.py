@@ -60,6 +60,14 @@ def broker_running() -> bool:
     return False
 
 
+def restart_broker():
+    """Stop RabbitMQ (every connection drops, transient queues vanish), start it."""
+    rabbitmqctl("stop")
+    subprocess.run(["rabbitmq-server", "-detached"], check=True, timeout=60)
+    wait_for(lambda: rabbitmqctl("await_startup", "--timeout", "10", check=False)
+             .returncode == 0, 120, interval=0.5, what="RabbitMQ to start again")
+
+
 def md5_of(path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
@@ -169,10 +177,38 @@ class Node:
         return subprocess.run(self.argv(*args), capture_output=True, text=True,
                               timeout=timeout, env=self.cluster.env)
 
-    def spawn(self, *args, **popen) -> subprocess.Popen:
+    def spawn(self, *args, env=None, **popen) -> subprocess.Popen:
         popen.setdefault("stdout", subprocess.DEVNULL)
         popen.setdefault("stderr", subprocess.DEVNULL)
-        return subprocess.Popen(self.argv(*args), env=self.cluster.env, **popen)
+        return subprocess.Popen(self.argv(*args), env={**self.cluster.env, **(env or {})},
+                                **popen)
+
+    def start_daemon(self, env=None) -> subprocess.Popen:
+        """``glance-image-sync daemon`` on this node; returns once it is consuming."""
+        mark = self.log.stat().st_size if self.log.exists() else 0
+        self.daemon = self.spawn("daemon", env=env)
+        wait_for(lambda: self.daemon.poll() is not None or
+                 "ready: consuming" in self.log_since(mark), 30,
+                 what=f"{self.name}'s daemon to be ready")
+        if self.daemon.poll() is not None:
+            raise RuntimeError(f"{self.name}'s daemon exited: {self.log_since(mark)[-2000:]}")
+        return self.daemon
+
+    def stop_daemon(self, sig=signal.SIGTERM, timeout=30) -> int:
+        self.daemon.send_signal(sig)
+        code = self.daemon.wait(timeout)
+        self.daemon = None
+        return code
+
+    def log_since(self, offset=0) -> str:
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+
+    def temporaries(self) -> list:
+        return [name for name in self.files() if name.startswith(".glance-image-sync.")]
 
     # -- the store, seen from outside ----------------------------------------
 
