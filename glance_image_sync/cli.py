@@ -26,7 +26,7 @@ import sys
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from glance_image_sync import app, service
+from glance_image_sync import app, broker, failed, service, topology
 from glance_image_sync.config import ConfigError
 from glance_image_sync.loop import BrokerUnavailable
 from glance_image_sync.runlock import AlreadyRunning, RunLock
@@ -48,6 +48,16 @@ def _add_commands(subparsers):
     subparsers.add_parser("sync-images",
                           help="apply this node's queued events to its image store, then exit")
     subparsers.add_parser("both", help="duplicate-notifications, then sync-images")
+    failed = subparsers.add_parser(
+        "failed", help="events that ran out of attempts: list them, replay them")
+    actions = failed.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="show this node's failed events")
+    listing.add_argument("--dead-letter", action="store_true",
+                         help="show the messages rejected as malformed or hostile instead")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    again = actions.add_parser("replay", help="put failed events back in this node's queue")
+    again.add_argument("image_ids", nargs="*", metavar="IMAGE_ID",
+                       help="only these images (default: every failed event)")
 
 
 COMMAND_OPT = cfg.SubCommandOpt("command", title="commands", handler=_add_commands)
@@ -89,10 +99,35 @@ def main(argv=None) -> int:
         settings = service.prepare(conf, sys.argv[1:] if argv is None else argv, COMMAND_OPT)
         if conf.command.name == "daemon":
             return _daemon(conf, settings)
+        if conf.command.name == "failed":
+            return _failed(conf.command, settings)
         return _one_shot(settings, ONE_SHOT[conf.command.name])
     except ConfigError as exc:
         print(f"glance-image-sync: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _failed(command, settings) -> int:
+    node = settings.nodes.this
+    try:
+        connection = broker.connect(settings.broker)
+    except broker.ERRORS as exc:
+        unreachable = exc
+    else:
+        with connection:
+            if command.action == "replay":
+                moved = failed.replay(connection, node, settings.nodes,
+                                      set(command.image_ids) or None)
+                print(f"{moved} failed events of {node} back in "
+                      f"{topology.node_queue_name(node)}")
+                return EXIT_OK
+            queue = (topology.DEAD_LETTER_QUEUE if command.dead_letter
+                     else topology.failed_queue_name(node))
+            print(failed.render(failed.browse(connection, queue, settings.nodes),
+                                command.format))
+            return EXIT_OK
+    print(f"glance-image-sync: cannot reach the broker: {unreachable}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _daemon(conf, settings) -> int:

@@ -34,13 +34,12 @@ import socket
 import threading
 import time
 
-from kombu import Connection
-from kombu.exceptions import OperationalError
 from oslo_log import log as logging
+
+from glance_image_sync import broker
 
 LOG = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5
 # A one-shot run gives up on an unreachable broker after this many tries.
 ONCE_CONNECT_ATTEMPTS = 3
 # In once mode, how long the queue must be quiet before asking if it is empty.
@@ -71,10 +70,10 @@ class Reconnect(Exception):
 
 
 class ConnectionLoop:
-    def __init__(self, name, component, broker, stop_event=None, once=False):
+    def __init__(self, name, component, broker_settings, stop_event=None, once=False):
         self.name = name
         self.component = component
-        self.broker = broker
+        self.broker = broker_settings
         self.stop_event = stop_event or threading.Event()
         self.once = once
         self.connected = False
@@ -113,16 +112,12 @@ class ConnectionLoop:
         """
         backoff = Backoff()
         while not self.stop_event.is_set():
-            connection = Connection(list(self.broker.urls), heartbeat=self.broker.heartbeat,
-                                    connect_timeout=CONNECT_TIMEOUT,
-                                    failover_strategy="round-robin")
+            connection = None
             error = None
             try:
                 # Each broker once, without kombu's own (uninterruptible) sleeps:
                 # the backoff below waits on the stop event instead.
-                connection.ensure_connection(max_retries=len(self.broker.urls) - 1,
-                                             interval_start=0, interval_step=0,
-                                             interval_max=0)
+                connection = broker.connect(self.broker)
                 LOG.info("%s: connected to %s", self.name, connection.as_uri())
                 self.component.start(connection, self)
                 backoff.reset()
@@ -130,13 +125,13 @@ class ConnectionLoop:
                 self.outage = None
                 if self._serve(connection):
                     return
-            except (connection.connection_errors + connection.channel_errors
-                    + (OSError, socket.timeout, OperationalError, Reconnect)) as exc:
+            except broker.ERRORS + (Reconnect,) as exc:
                 error = exc
             finally:
                 self._set_connected(False)
                 self.component.connection_lost()
-                _close_quietly(connection)
+                if connection is not None:
+                    _close_quietly(connection)
             # Logged outside the except block: oslo.log would append the
             # exception a second time.
             if error is not None:

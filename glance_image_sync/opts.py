@@ -80,7 +80,7 @@ messaging_opts = [
     cfg.IntOpt(
         "consumer_timeout",
         default=1800,
-        min=60,
+        min=10,
         help="RabbitMQ's consumer_timeout in seconds (1800 unless the broker "
         "sets it). An event whose transfer runs longer is re-queued before the "
         "broker would close the channel, so it is neither lost nor restarted.",

@@ -18,6 +18,8 @@ whole file is in, so until then the copy keeps the 0600 it was created with.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import signal
@@ -32,6 +34,22 @@ LOG = logging.getLogger(__name__)
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _REPORT_RE = re.compile(r"(?P<md5>[0-9a-f]{32})?\s*(?P<size>\d+)")
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True),
+                 "prctl", None)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it if the daemon dies.
+
+    Without this, rsync outlives a daemon that is killed (it runs in a session
+    of its own) and may write a temporary file after the restarted daemon
+    cleaned up. Resolved at import time: the child must not import or lock.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class TransferFailed(Exception):
@@ -106,6 +124,7 @@ class Rsync:
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, env=subprocess_env(), close_fds=True,
                 start_new_session=True,  # rsync and its ssh die together
+                preexec_fn=_die_with_parent,  # takes no locks: see there
             )
             self._running.add(proc)
         try:

@@ -36,10 +36,17 @@ def vhost():
 
 @pytest.fixture
 def cluster(request):
-    """A started three-node local cluster; options from @pytest.mark.cluster_config."""
+    """A started three-node local cluster.
+
+    ``@pytest.mark.cluster_config(option=value, ...)`` adds glance-image-sync
+    options; ``@pytest.mark.cluster_setup(durable=..., store_sizes=...)`` passes
+    LocalCluster's own.
+    """
     _need_broker()
     if os.geteuid() != 0:
         pytest.skip("the local cluster needs root")
-    marker = request.node.get_closest_marker("cluster_config")
-    with LocalCluster(extra_config=marker.kwargs if marker else None) as started:
+    config = request.node.get_closest_marker("cluster_config")
+    setup = request.node.get_closest_marker("cluster_setup")
+    with LocalCluster(extra_config=config.kwargs if config else None,
+                      **(setup.kwargs if setup else {})) as started:
         yield started

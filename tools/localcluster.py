@@ -89,12 +89,18 @@ class Node:
         self.holder = None
         self.sshd = None
         self.daemon = None
+        self.tmpfs = False
 
     # -- the namespace -----------------------------------------------------
 
     def start_namespace(self):
         for path in (self.images, self.state, self.dir / "ssh"):
             path.mkdir(parents=True, exist_ok=True)
+        size = self.cluster.store_sizes.get(self.name)
+        if size:  # a small disk of its own, to be filled
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                            str(self.images)], check=True)
+            self.tmpfs = True
         os.chown(self.images, STORE_UID, STORE_GID)
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
@@ -222,14 +228,25 @@ class Node:
     def files(self) -> list:
         return sorted(os.listdir(self.images))
 
+    def contents(self) -> dict:
+        """{image file: md5} of the store, temporaries left out."""
+        found = {}
+        for name in self.files():
+            if not name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    found[name] = md5_of(self.images / name)
+        return found
+
     def stop(self):
         _terminate(self.daemon)
         self.stop_sshd()
         _terminate(self.holder)
+        if self.tmpfs:
+            subprocess.run(["umount", "--lazy", str(self.images)], check=False)
 
 
 class LocalCluster:
-    def __init__(self, size=3, base=None, extra_config=None):
+    def __init__(self, size=3, base=None, extra_config=None, durable=False, store_sizes=None):
         self.base = pathlib.Path(base or tempfile.mkdtemp(prefix="gis-cluster-"))
         self.vhost = f"gis-{uuid.uuid4().hex[:12]}"
         self.transport_url = f"rabbit://guest:guest@{BROKER}/{self.vhost}"
@@ -238,6 +255,12 @@ class LocalCluster:
         self.ssh_config = self.base / "ssh_config"
         self.client_key = self.base / "client_ed25519"
         self.extra_config = dict(extra_config or {})
+        # Glance's amqp_durable_queues: its notification queue survives a
+        # broker restart (the only way its notifications do).
+        self.durable = durable
+        if durable:
+            self.extra_config.setdefault("notification_durable", "true")
+        self.store_sizes = dict(store_sizes or {})
         script = pathlib.Path(sys.executable).with_name("glance-image-sync")
         self.program = [str(script)] if script.exists() else [sys.executable, "-m",
                                                               "glance_image_sync.cli"]
@@ -335,6 +358,8 @@ class LocalCluster:
             oslo_messaging.set_transport_defaults("glance")
             transport = oslo_messaging.get_notification_transport(conf,
                                                                   url=self.transport_url)
+            conf.set_override("amqp_durable_queues", self.durable,
+                              group="oslo_messaging_rabbit")
             self._notifiers[publisher] = oslo_messaging.Notifier(
                 transport, publisher_id=f"image.{publisher}", driver="messagingv2",
                 topics=["notifications", "glance_notifications"])
