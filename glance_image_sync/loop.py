@@ -40,6 +40,8 @@ from glance_image_sync import broker
 
 LOG = logging.getLogger(__name__)
 
+# Longest wait for the rest of a frame once the socket was readable.
+FRAME_WAIT = 0.01
 # A one-shot run gives up on an unreachable broker after this many tries.
 ONCE_CONNECT_ATTEMPTS = 3
 # In once mode, how long the queue must be quiet before asking if it is empty.
@@ -191,11 +193,16 @@ class ConnectionLoop:
         return True
 
     def _drain(self, connection, sock) -> None:
-        # At least one byte is waiting, so this returns once a whole frame
-        # is in; keep going while more are ready, but let calls run too.
+        """Read and dispatch what has arrived, without waiting for more.
+
+        py-amqp's drain_events reads until a whole *method* is in, so a lone
+        heartbeat frame would make it wait for the next frame (seconds) with
+        calls and timers stalled. A short timeout bounds that; a frame cut
+        short is kept by py-amqp and finished on the next wake-up.
+        """
         for _ in range(1000):
             try:
-                connection.drain_events(timeout=5)
+                connection.drain_events(timeout=FRAME_WAIT)
             except socket.timeout:
                 return
             if not _has_buffered_data(sock):

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from tools.localcluster import LocalCluster, md5_of, wait_for
+from tools.localcluster import SSH_PORT, LocalCluster, md5_of, wait_for
 
 SIZE = int(os.environ.get("DEMO_IMAGE_MIB", "256")) * 1024 * 1024
 
@@ -35,10 +35,11 @@ def show_stores(cluster, image_id):
 def main() -> int:
     say("starting a three-node cluster on this machine: per node a mount namespace with its "
         "own /var/lib/glance/images, an sshd and a glance-image-sync daemon; one RabbitMQ")
-    with LocalCluster() as cluster:
+    # The addresses DESIGN.md names: 127.0.0.11, .12, .13.
+    with LocalCluster(subnet="127.0.0") as cluster:
         for node in cluster.nodes:
             node.start_daemon()
-            say(f"  {node.name}: sshd on {node.address}:2222, daemon ready "
+            say(f"  {node.name}: sshd on {node.address}:{SSH_PORT}, daemon ready "
                 f"(pid {node.daemon.pid}, log {node.log})")
 
         image_id, md5, size = cluster.new_image("node1", size=SIZE)

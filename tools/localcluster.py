@@ -2,7 +2,8 @@
 
 Each node is a mount namespace in which its own directory is bind-mounted on
 ``/var/lib/glance/images``, so every node uses the same path as real hosts do.
-Each node runs its own sshd on its own loopback address (127.0.0.11, .12, ...)
+Each node runs its own sshd on its own loopback address (127.x.y.11, .12, ...;
+x and y drawn per cluster, so that clusters of concurrent runs never meet)
 inside that namespace, and glance-image-sync runs there too, with a
 configuration of its own. All nodes share the real RabbitMQ on 127.0.0.1:5672,
 in a virtual host of their own that is deleted afterwards. Stopping a node's
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -80,7 +82,7 @@ class Node:
     def __init__(self, cluster, index):
         self.cluster = cluster
         self.name = f"node{index}"
-        self.address = f"127.0.0.{10 + index}"
+        self.address = f"{cluster.subnet}.{10 + index}"
         self.dir = cluster.base / self.name
         self.images = self.dir / "images"
         self.state = self.dir / "state"
@@ -141,7 +143,11 @@ class Node:
                                                    str(config)]),
                                      stdout=log, stderr=log)
         log.close()
-        wait_for(self.sshd_accepts, 15, what=f"{self.name}'s sshd")
+        wait_for(lambda: self.sshd.poll() is not None or self.sshd_accepts(), 15,
+                 what=f"{self.name}'s sshd")
+        if self.sshd.poll() is not None:
+            raise RuntimeError(f"{self.name}'s sshd exited: "
+                               f"{(self.dir / 'sshd.log').read_text()[-500:]}")
 
     def sshd_accepts(self) -> bool:
         with contextlib.suppress(OSError), socket.create_connection((self.address, SSH_PORT),
@@ -246,9 +252,12 @@ class Node:
 
 
 class LocalCluster:
-    def __init__(self, size=3, base=None, extra_config=None, durable=False, store_sizes=None):
+    def __init__(self, size=3, base=None, extra_config=None, durable=False, store_sizes=None,
+                 subnet=None):
         self.base = pathlib.Path(base or tempfile.mkdtemp(prefix="gis-cluster-"))
         self.vhost = f"gis-{uuid.uuid4().hex[:12]}"
+        # All of 127/8 is loopback: a /24 of its own per cluster.
+        self.subnet = subnet or f"127.{random.randrange(1, 255)}.{random.randrange(0, 256)}"
         self.transport_url = f"rabbit://guest:guest@{BROKER}/{self.vhost}"
         self.nodes = [Node(self, index) for index in range(1, size + 1)]
         self.authorized_keys = self.base / "authorized_keys"
