@@ -20,3 +20,6 @@ lint:
 
 sample-config:
 	PYTHON=.venv/bin/python tools/generate-sample-config
+
+bench: deps
+	.venv/bin/python -m bench.run

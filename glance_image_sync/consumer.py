@@ -103,7 +103,16 @@ class QueueConsumer:
 
     def _on_message(self, message) -> None:
         self.in_flight += 1
-        self.on_delivery(Delivery(message, self.generation))
+        delivery = Delivery(message, self.generation)
+        # Handled once this callback has returned, never inside it: py-amqp
+        # reads and dispatches frames within basic_publish (its
+        # connection.blocked check), so publishing from here would nest one
+        # delivery inside the next, without bound, during a burst.
+        self.loop.call_soon(lambda: self._handle(delivery))
+
+    def _handle(self, delivery) -> None:
+        if delivery.generation == self.generation:  # else its connection is gone
+            self.on_delivery(delivery)
 
     def current(self, delivery: Delivery) -> bool:
         """Whether the delivery can still be acked (same connection, not settled)."""

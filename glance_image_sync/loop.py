@@ -82,6 +82,7 @@ class ConnectionLoop:
         self.outage = None  # (since, reason) while the broker cannot be reached
         self.last_progress = time.monotonic()
         self.on_change = None  # called (on this loop's thread) when connected changes
+        self._thread = None
         self._calls = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -90,9 +91,14 @@ class ConnectionLoop:
     # -- for other threads -------------------------------------------------
 
     def call_soon(self, fn) -> None:
-        """Run ``fn()`` on the connection thread, as soon as it can."""
+        """Run ``fn()`` on the connection thread, as soon as it can.
+
+        From the connection thread itself this defers ``fn`` until the frames
+        at hand are dispatched: never run inside a py-amqp callback.
+        """
         self._calls.append(fn)
-        self.wake()
+        if threading.get_ident() != self._thread:
+            self.wake()
 
     def wake(self) -> None:
         try:
@@ -112,6 +118,7 @@ class ConnectionLoop:
         Raises BrokerUnavailable in once mode when the broker cannot be
         reached; in daemon mode it reconnects for as long as it runs.
         """
+        self._thread = threading.get_ident()
         backoff = Backoff()
         while not self.stop_event.is_set():
             connection = None
@@ -176,7 +183,7 @@ class ConnectionLoop:
             if sock in readable or _has_buffered_data(sock):
                 self._drain(connection, sock)
                 quiet_since = time.monotonic()
-            if self._wake_r in readable:
+            if self._calls or self._wake_r in readable:
                 self._run_calls()
                 quiet_since = time.monotonic()
             now = time.monotonic()
@@ -205,6 +212,7 @@ class ConnectionLoop:
                 connection.drain_events(timeout=FRAME_WAIT)
             except socket.timeout:
                 return
+            self._run_calls()  # what the frames deferred, before reading on
             if not _has_buffered_data(sock):
                 ready, _, _ = select.select([sock], [], [], 0)
                 if not ready:

@@ -1,0 +1,95 @@
+"""Run the benchmarks; write bench/results/latest.json and latest.md.
+
+    make bench                     # everything, full size (about 6 minutes, root)
+    python -m bench.run --quick    # small sizes, to try the harness
+    python -m bench.run --only detection_latency fanout_throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+from bench import scenarios
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    def first_line(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=30).stdout.splitlines()[0].strip()
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "unknown"
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    memory = next(int(line.split()[1]) // 1024 // 1024 for line in
+                  pathlib.Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    broker = subprocess.run(["rabbitmqctl", "-q", "version"], capture_output=True,
+                            text=True).stdout.strip()
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores", "memory": f"{memory} GiB",
+        "kernel": platform.release(), "python": platform.python_version(),
+        "rabbitmq": broker or "unknown", "rsync": first_line(["rsync", "--version"]),
+        "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+        "load_before": os.getloadavg()[0],
+    }
+
+
+def markdown(results, info, started) -> str:
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} on "
+        f"{info['cpu']}, {info['memory']}, Linux {info['kernel']}, Python {info['python']}, "
+        f"RabbitMQ {info['rabbitmq']}, {info['rsync']} (all three nodes and the broker on "
+        "this one machine).",
+        "",
+        "| what | measured | target | floor / baseline | |",
+        "|---|---|---|---|---|",
+    ]
+    for result in results:
+        lines.append(f"| {result.what} | {result.measured} | {result.target} | "
+                     f"{result.comparison} | {'met' if result.ok else '**missed**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a quick try")
+    parser.add_argument("--only", nargs="+", choices=sorted(scenarios.ALL), default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("the benchmarks run a local cluster: run as root")
+    info = machine()
+    started = time.time()
+    results = []
+    for name in args.only or list(scenarios.ALL):
+        print(f"[bench] {name} ...", flush=True)
+        result = scenarios.ALL[name](**(scenarios.QUICK[name] if args.quick else {}))
+        print(f"[bench]   {result.measured}  (target {result.target}; {result.comparison})",
+              flush=True)
+        results.append(result)
+    table = markdown(results, info, started)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "quick" if args.quick else "latest"
+    (args.out / f"{stem}.md").write_text(table)
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"machine": info, "started": started, "quick": args.quick,
+         "results": [asdict(result) for result in results]}, indent=2))
+    return 0 if all(result.ok for result in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The measurements, each on a fresh local cluster (tools/localcluster.py).
+
+Each function returns a ``Result``: what was measured, beside its target and,
+where there is one, the floor (the same work done the plain way, in the same
+run) or the baseline it is compared with.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import kombu
+from oslo_config import cfg
+
+from glance_image_sync import app, cli, notifications, service, topology
+from glance_image_sync.loop import ONCE_QUIET_SECONDS
+from tools.localcluster import LocalCluster, wait_for
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+FIXTURE = pathlib.Path(__file__).resolve().parent.parent / \
+    "tests/fixtures/notifications/real-glance-33/06-image.update.json"
+
+
+@dataclass
+class Result:
+    name: str
+    what: str
+    measured: str
+    target: str
+    comparison: str
+    ok: bool
+    numbers: dict = field(default_factory=dict)
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+class LogFollower:
+    """Reads a node's log as it grows; finds lines, with their timestamps."""
+
+    STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ")
+
+    def __init__(self, node):
+        self.path = node.log
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.lines = []
+
+    def poll(self):
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        self.lines += data[:cut].decode("utf-8", "replace").splitlines()
+
+    def time_of(self, needle):
+        for line in self.lines:
+            if needle in line:
+                match = self.STAMP.match(line)
+                return datetime.datetime.strptime(match.group(1),
+                                                  "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        return None
+
+
+def cpu_seconds(pid):
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def proc_status(pid, key):
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def bytes_read(pid):
+    """read() bytes of a process, page cache included (rchar)."""
+    for line in pathlib.Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise KeyError("rchar")
+
+
+def plain_rsync(cluster, node, source_paths, dest):
+    """The floor: rsync as anyone would type it, over the same ssh."""
+    remote = [f"root@node1:{path}" for path in source_paths]
+    subprocess.run(node.command(["rsync", "-e", f"ssh -F {cluster.ssh_config}", "--", *remote,
+                                 dest]), check=True, stdout=subprocess.DEVNULL)
+
+
+def parallel(calls):
+    threads = [threading.Thread(target=call) for call in calls]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.monotonic() - started
+
+
+def glance_update_body(image_id, checksum, size, publisher="node1"):
+    """An image.update notification exactly as Glance 33 puts it on the wire."""
+    envelope = json.loads(json.loads(FIXTURE.read_text())["body"])
+    message = json.loads(envelope["oslo.message"])
+    message.update(message_id=str(uuid.uuid4()), publisher_id=f"image.{publisher}")
+    message["payload"].update(id=image_id, checksum=checksum, size=size, status="active")
+    return json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(message)}).encode()
+
+
+def publish_raw(cluster, bodies):
+    """Put bodies on Glance's exchange as fast as one producer can."""
+    with kombu.Connection(cluster.kombu_url) as connection:
+        channel = connection.channel()
+        for body in bodies:
+            channel.basic_publish(channel.prepare_message(
+                body, content_type="application/json", content_encoding="utf-8",
+                properties={"delivery_mode": 2}),
+                exchange="glance", routing_key="glance_notifications.info")
+
+
+def ready_messages(cluster, queues):
+    with kombu.Connection(cluster.kombu_url) as connection:
+        channel = connection.channel()
+        return sum(channel.queue_declare(queue, passive=True).message_count for queue in queues)
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+# -- the measurements ----------------------------------------------------------
+
+
+def detection_latency(events=200) -> Result:
+    """Notification published -> rsync started on every peer."""
+    with LocalCluster() as cluster:
+        for node in cluster.nodes:
+            node.start_daemon()
+        peers = [LogFollower(node) for node in cluster.nodes[1:]]
+        cluster.notifier("node1")  # connected before the clock starts
+        samples = []
+        for _ in range(events):
+            image_id, md5, size = cluster.new_image("node1", size=4096)
+            published = time.time()
+            cluster.notify("image.upload", image_id, md5, size)
+            needle = f"image {image_id}: fetching from node1"
+
+            def started(needle=needle):
+                for follower in peers:
+                    follower.poll()
+                return all(follower.time_of(needle) for follower in peers)
+
+            wait_for(started, 30, interval=0.002, what="the peers' rsync to start")
+            samples += [follower.time_of(needle) - published for follower in peers]
+        ms = [s * 1000 for s in samples]
+        p50, p99 = percentile(ms, 0.50), percentile(ms, 0.99)
+        return Result(
+            "detection_latency", f"detection latency ({events} events, 2 peers)",
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {max(ms):.1f} ms",
+            "p50 <= 20 ms, p99 <= 100 ms",
+            "cron */5: 150 s mean, 300 s worst (computed, uniform arrivals)",
+            p50 <= 20 and p99 <= 100,
+            {"p50_ms": p50, "p99_ms": p99, "max_ms": max(ms), "samples": len(ms)})
+
+
+def replication_time(size=GiB, rounds=3) -> Result:
+    """Publish -> verified at the final path on both peers, vs plain rsync."""
+    with LocalCluster() as cluster:
+        for node in cluster.nodes:
+            node.start_daemon()
+        source, md5, _ = cluster.new_image("node1", size=size)
+        ours, floors = [], []
+        for _ in range(rounds):
+            floor_dest = "/var/lib/glance/images/floor-copy"
+            floors.append(parallel([
+                lambda node=node: plain_rsync(cluster, node, [f"/var/lib/glance/images/{source}"],
+                                              floor_dest)
+                for node in cluster.nodes[1:]]))
+            for node in cluster.nodes[1:]:
+                (node.images / "floor-copy").unlink()
+            image_id = str(uuid.uuid4())
+            os.link(cluster["node1"].path(source), cluster["node1"].path(image_id))
+            started = time.monotonic()
+            cluster.upload(image_id, md5, size)
+            wait_for(lambda image_id=image_id: all(
+                node.path(image_id).exists() for node in cluster.nodes[1:]), 600,
+                interval=0.005, what="the image on both peers")
+            ours.append(time.monotonic() - started)
+            for node in cluster.nodes[1:]:
+                node.path(image_id).unlink()
+        mine, floor = statistics.median(ours), statistics.median(floors)
+        ratio = mine / floor
+        return Result(
+            "replication_time", f"replication of {size // MiB} MiB to 2 peers "
+            f"(median of {rounds})", f"{mine:.2f} s ({ratio:.2f}x the floor)",
+            "<= 1.10x the floor", f"floor: plain rsync to both peers in parallel, {floor:.2f} s",
+            ratio <= 1.10, {"seconds": mine, "floor_seconds": floor, "ratio": ratio,
+                            "rounds": ours, "floor_rounds": floors})
+
+
+def idle_cost(seconds=60) -> Result:
+    with LocalCluster() as cluster:
+        daemon = cluster["node2"].start_daemon()
+        time.sleep(3)  # settle after start-up
+        before, started = cpu_seconds(daemon.pid), time.monotonic()
+        time.sleep(seconds)
+        used = cpu_seconds(daemon.pid) - before
+        elapsed = time.monotonic() - started
+        rss = proc_status(daemon.pid, "VmRSS")
+        percent = 100 * used / elapsed
+        return Result(
+            "idle_cost", f"idle daemon over {seconds} s", f"{percent:.3f} % of a core, "
+            f"RSS {rss / MiB:.1f} MiB", "<= 0.2 % of a core; RSS <= 60 MB", "-",
+            percent <= 0.2 and rss <= 60e6,
+            {"cpu_percent": percent, "cpu_seconds": used, "rss_bytes": rss})
+
+
+def memory_under_load(size=2 * GiB) -> Result:
+    with LocalCluster() as cluster:
+        for node in cluster.nodes:
+            node.start_daemon()
+        daemon = cluster["node2"].daemon
+        image_id, md5, _ = cluster.new_image("node1", size=size)
+        cluster.upload(image_id, md5, size)
+        wait_for(lambda: cluster["node2"].path(image_id).exists(), 900, interval=0.05,
+                 what="the image on node2")
+        peak = proc_status(daemon.pid, "VmHWM")
+        return Result(
+            "memory_under_load", f"daemon peak RSS while syncing {size // GiB} GiB",
+            f"{peak / MiB:.1f} MiB", "<= 60 MB", "-", peak <= 60e6, {"peak_rss_bytes": peak})
+
+
+def _fanout_settings(cluster):
+    conf = cfg.ConfigOpts()
+    path = cluster["node1"].config
+    return service.prepare(conf, ["--config-file", str(path), "duplicate-notifications"],
+                           cli.COMMAND_OPT)
+
+
+def fanout_throughput(count=20_000, naive_count=2_000) -> Result:
+    with LocalCluster() as cluster:
+        settings = _fanout_settings(cluster)  # logs at INFO to node1's log, as deployed
+        loop = app.fanout_loop(settings, once=True)
+        loop.run()  # declares everything, on an empty queue
+        bodies = [glance_update_body(str(uuid.uuid4()), "9b8f6225e89197b8d67aafd6f91ce7bf",
+                                     4194304) for _ in range(max(count, naive_count))]
+        publish_raw(cluster, bodies[:count])
+        started = time.monotonic()
+        loop.run()
+        ours = count / (time.monotonic() - started - ONCE_QUIET_SECONDS)
+        loop.close()
+        assert loop.component.handled == count, loop.component.handled
+
+        publish_raw(cluster, bodies[:naive_count])
+        naive = naive_count / _naive_fanout(cluster, settings, naive_count)
+        depth = ready_messages(cluster, [topology.node_queue_name(n.name) for n in cluster.nodes])
+        assert depth == 3 * (count + naive_count), depth
+        return Result(
+            "fanout_throughput", f"fan-out into 3 node queues ({count} notifications, "
+            "confirmed and routed)", f"{ours:,.0f} notifications/s ({ours / naive:.1f}x naive)",
+            ">= 3,000/s and >= 3x the naive loop",
+            f"naive kombu loop, one confirm at a time: {naive:,.0f}/s",
+            ours >= 3000 and ours >= 3 * naive, {"per_second": ours, "naive_per_second": naive})
+
+
+def _naive_fanout(cluster, settings, count):
+    """What one would write first: get, publish each copy waiting for its confirm, ack."""
+    returned = []
+    with kombu.Connection(cluster.kombu_url,
+                          transport_options={"confirm_publish": True}) as connection:
+        producer = connection.Producer(on_return=lambda *args: returned.append(args))
+        queue = kombu.Queue("glance_notifications.info", no_declare=True)
+        started = time.monotonic()
+        handled = 0
+        with connection.SimpleQueue(queue, no_ack=False) as simple:
+            while handled < count:
+                message = simple.get(timeout=10)
+                event = notifications.parse(message.body, settings.nodes)
+                for node in settings.nodes.all:
+                    producer.publish(event.to_wire(), exchange="",
+                                     routing_key=topology.node_queue_name(node),
+                                     content_type="application/json", serializer=None,
+                                     mandatory=True)
+                message.ack()
+                handled += 1
+        assert not returned
+        return time.monotonic() - started
+
+
+def duplicate_events(count=1000, size=64 * MiB) -> Result:
+    """image.update over and over for an image every node already has."""
+    with LocalCluster() as cluster:
+        image_id, md5, _ = cluster.new_image("node1", size=size)
+        data = cluster["node1"].path(image_id).read_bytes()
+        for node in cluster.nodes[1:]:  # in place before the daemons start: never verified
+            node.path(image_id).write_bytes(data)
+        for node in cluster.nodes:
+            node.start_daemon()
+        reads_before = {node.name: bytes_read(node.daemon.pid) for node in cluster.nodes}
+        queues = ["glance_notifications.info"] + [topology.node_queue_name(n.name)
+                                                  for n in cluster.nodes]
+        bodies = [glance_update_body(image_id, md5, size) for _ in range(count)]
+        started = time.monotonic()
+        publish_raw(cluster, bodies)
+        wait_for(lambda: ready_messages(cluster, queues) == 0, 60, interval=0.01,
+                 what="every queue to drain")
+        drained = time.monotonic() - started
+        # ready == 0 leaves at most a prefetch window unacked; wait for those too.
+        wait_for(lambda: sum(cluster.queue_depths().get(q, 0) for q in queues) == 0, 30,
+                 interval=0.1, what="the last unacked events")
+        reads = {node.name: (bytes_read(node.daemon.pid) - reads_before[node.name]) / size
+                 for node in cluster.nodes}
+        worst = max(reads.values())
+        return Result(
+            "duplicate_events", f"{count} image.update for one {size // MiB} MiB image in "
+            "place", f"drained in {drained:.2f} s; at most {worst:.2f} full reads per node",
+            "<= 1 full read; drained in <= 2 s", "-", worst <= 1.0 and drained <= 2.0,
+            {"drained_seconds": drained, "full_reads": reads})
+
+
+def backlog(images=50, size=64 * MiB) -> Result:
+    """A node down while images are uploaded, then started: catching up vs plain rsync."""
+    with LocalCluster() as cluster:
+        node3 = cluster["node3"]
+        for node in cluster.nodes[:2]:
+            node.start_daemon()
+        created = [cluster.new_image("node1", size=size) for _ in range(images)]
+        for image_id, md5, real_size in created:
+            cluster.upload(image_id, md5, real_size)
+        wait_for(lambda: all(cluster["node2"].path(i).exists() for i, _, _ in created), 900,
+                 interval=0.1, what="node2 to have every image")
+
+        scratch = node3.images / "floor"
+        scratch.mkdir()
+        started = time.monotonic()
+        plain_rsync(cluster, node3, [f"/var/lib/glance/images/{i}" for i, _, _ in created],
+                    "/var/lib/glance/images/floor/")
+        floor = time.monotonic() - started
+        subprocess.run(["rm", "-rf", "--", str(scratch)], check=True)
+
+        started = time.monotonic()
+        node3.start_daemon()
+        wait_for(lambda: all(node3.path(i).exists() for i, _, _ in created), 900,
+                 interval=0.02, what="node3 to catch up")
+        mine = time.monotonic() - started
+        ratio = mine / floor
+        return Result(
+            "backlog", f"catching up {images} x {size // MiB} MiB after a restart",
+            f"{mine:.2f} s ({ratio:.2f}x the floor)", "<= 1.2x the floor",
+            f"floor: one plain rsync of the same files, {floor:.2f} s", ratio <= 1.2,
+            {"seconds": mine, "floor_seconds": floor, "ratio": ratio})
+
+
+ALL = {
+    "detection_latency": detection_latency,
+    "replication_time": replication_time,
+    "idle_cost": idle_cost,
+    "memory_under_load": memory_under_load,
+    "fanout_throughput": fanout_throughput,
+    "duplicate_events": duplicate_events,
+    "backlog": backlog,
+}
+QUICK = {
+    "detection_latency": dict(events=30),
+    "replication_time": dict(size=128 * MiB, rounds=1),
+    "idle_cost": dict(seconds=10),
+    "memory_under_load": dict(size=256 * MiB),
+    "fanout_throughput": dict(count=3000, naive_count=500),
+    "duplicate_events": dict(count=300, size=8 * MiB),
+    "backlog": dict(images=10, size=8 * MiB),
+}
