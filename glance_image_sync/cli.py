@@ -80,6 +80,7 @@ def _sync_images(settings) -> bool:
             loop.run()
         finally:
             loop.close()
+            app.write_metrics(settings, loop)
     worker = loop.component
     LOG.info("sync-images: %d events handled, %d failed attempts, %d rejected",
              worker.handled, worker.failed_attempts, worker.rejected)
