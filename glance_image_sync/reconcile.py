@@ -50,6 +50,7 @@ from glance_image_sync import listing, queuestats
 from glance_image_sync.config import ConfigError
 from glance_image_sync.listing import Entry
 from glance_image_sync.loop import BrokerUnavailable
+from glance_image_sync.status import plural
 from glance_image_sync.store import ImageStore, StoreError
 from glance_image_sync.tombstones import Tombstones
 from glance_image_sync.transfer import Rsync, TransferFailed
@@ -287,7 +288,7 @@ class Progress:
 
 def render_table(survey: Survey) -> str:
     peers = list(survey.listed) + list(survey.unreachable)
-    lines = [f"{survey.node}: {len(survey.here)} images here; compared with "
+    lines = [f"{survey.node}: {plural(len(survey.here), 'image')} here; compared with "
              f"{', '.join(survey.listed) or 'no peer'}"]
     for peer, reason in survey.unreachable.items():
         lines.append(f"  {peer}: unreachable ({reason})")
@@ -313,11 +314,11 @@ def summary(survey: Survey) -> str:
         counts = {kind: sum(f.kind == kind for f in survey.findings)
                   for kind in (MISSING, HERE_ONLY, SIZE_MISMATCH)}
         fixed = sum(f.resolved for f in survey.findings)
-        text = (f"{len(survey.findings)} differences ("
+        text = (f"{plural(len(survey.findings), 'difference')} ("
                 + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
                 + f"); {fixed} resolved, {len(survey.findings) - fixed} left")
     if survey.unreachable:
-        text += f"; {len(survey.unreachable)} peer(s) unreachable"
+        text += f"; {plural(len(survey.unreachable), 'peer')} unreachable"
     return text
 
 

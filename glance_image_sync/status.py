@@ -67,19 +67,20 @@ def problems(report: Report) -> list:
     if overview is not None:
         for node in overview.nodes:
             if node.failed.messages:
-                found.append(f"{node.failed.messages} events of {node.node} ran out of "
-                             f"attempts and wait in {node.failed.name}")
+                found.append(f"{plural(node.failed.messages, 'event')} of {node.node} ran "
+                             f"out of attempts and wait in {node.failed.name}")
             if node.node != report.node:
                 continue
             if not node.queue.exists:
                 found.append(f"{node.queue.name} does not exist: no fan-out has run since "
                              f"api_nodes named {node.node}")
             elif node.queue.messages and not node.queue.consumers:
-                found.append(f"{node.queue.messages} events wait in {node.queue.name} and "
-                             "nothing consumes it (is the daemon running?)")
+                found.append(f"{plural(node.queue.messages, 'event')} wait in "
+                             f"{node.queue.name} and nothing consumes it (is the daemon "
+                             "running?)")
         if overview.dead_letter.messages:
-            found.append(f"{overview.dead_letter.messages} messages were rejected and wait in "
-                         f"{overview.dead_letter.name}")
+            found.append(f"{plural(overview.dead_letter.messages, 'message')} rejected as "
+                         f"malformed or hostile wait in {overview.dead_letter.name}")
     if report.state_error:
         found.append(report.state_error)
     success, error = report.snapshot.last_success, report.snapshot.last_error
@@ -188,6 +189,10 @@ def _ago(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size} {unit} ago"
     return f"{seconds} s ago"
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _count(value) -> str:

@@ -43,8 +43,8 @@ def test_a_quiet_cluster_needs_no_human():
 @pytest.mark.parametrize("rep, expected", [
     (report([node_queues("node1", failed=2)]), "2 events of node1 ran out of attempts"),
     (report([node_queues("node1"), node_queues("node2", failed=1)]),
-     "1 events of node2 ran out of attempts"),
-    (report([node_queues("node1")], dead=3), "3 messages were rejected"),
+     "1 event of node2 ran out of attempts"),
+    (report([node_queues("node1")], dead=3), "3 messages rejected as malformed or hostile"),
     (report([node_queues("node1", messages=4, consumers=0)]),
      "4 events wait in glance_image_sync.node1 and nothing consumes it"),
     (report([NodeQueues("node1", QueueStats("glance_image_sync.node1"), (),

@@ -77,9 +77,9 @@ def test_status_shows_every_queue_as_the_broker_holds_it_and_names_the_problems(
     assert doc["dead_letter"]["messages"] == 1
     assert doc["last_success"] is None and doc["last_error"] is None
     assert len(doc["problems"]) == 3, doc["problems"]
-    for expected in ("1 events of node2 ran out of attempts",
+    for expected in ("1 event of node2 ran out of attempts",
                      "2 events wait in glance_image_sync.node1 and nothing consumes it",
-                     "1 messages were rejected"):
+                     "1 message rejected as malformed or hostile"):
         assert any(expected in problem for problem in doc["problems"]), expected
 
     code, table = status(node1)
