@@ -135,7 +135,8 @@ class _BrokerCollector:
                     messages.add_metric([queue.name], queue.messages)
                     consumers.add_metric([queue.name], queue.consumers)
         if failure is not None:
-            LOG.warning("metrics: no queue depths: %s", failure)
+            # broker_up says it at every scrape; the consumers already log the outage.
+            LOG.debug("metrics: no queue depths: %s", failure)
         up.add_metric([], 0 if failure else 1)
         yield from (up, messages, consumers)
 
