@@ -61,7 +61,8 @@ BROKER_UP = ("glance_image_sync_broker_up", ())
 def test_the_metrics_endpoint_counts_real_transfers(cluster):
     port = free_port()
     node2 = cluster["node2"]
-    node2.write_config({"metrics_listen_port": port})
+    textfile = node2.dir / "node2.prom"
+    node2.write_config({"metrics_listen_port": port, "metrics_textfile": textfile})
     started = time.time()
     node2.start_daemon()  # its fan-out serves every node's queue; only node2 syncs
     before = scrape(port)
@@ -98,6 +99,9 @@ def test_the_metrics_endpoint_counts_real_transfers(cluster):
     assert node2.stop_daemon() == 0
     with pytest.raises(OSError):
         scrape(port)  # the endpoint stops with the daemon
+    written = parse(textfile.read_text())  # written once more on the way out
+    assert written[transfers("node1", "ok")] == 1
+    assert written[transfers("node1", "failed")] >= got[transfers("node1", "failed")]
 
 
 def test_a_cron_run_writes_a_textfile_and_status_reads_the_last_sync(cluster):

@@ -125,6 +125,24 @@ def test_listing_commands_are_argument_lists_with_operands_after_a_double_dash(t
         "--", "glance@node2:/var/lib/glance/images/"]
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_is_one_bar_redrawn_then_cleared():
+    stream = Terminal()
+    progress = reconcile.Progress(stream)
+    finding = reconcile.Finding(A, MISSING, None, {}, action="fetched from node2")
+    progress.start(1, 4, finding)
+    progress.finish(1, 4, finding)
+    progress.close()
+    frames = stream.getvalue().split("\r\033[K")
+    assert frames[1].startswith(f"[....................] 0/4 fetching {A}"[:60])
+    assert frames[2].startswith("[#####...............] 1/4")
+    assert frames[-1] == "" and "\n" not in stream.getvalue()
+
+
 def test_progress_off_a_terminal_is_one_line_per_image():
     stream = io.StringIO()
     progress = reconcile.Progress(stream)
