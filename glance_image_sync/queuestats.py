@@ -9,16 +9,11 @@ of a passive declaration that finds nothing; the next queue gets a new one).
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
-from kombu import Connection
-from kombu.exceptions import OperationalError
-
+from glance_image_sync import broker as brokers
 from glance_image_sync import topology
 from glance_image_sync.loop import BrokerUnavailable
-
-CONNECT_TIMEOUT = 5
 
 
 @dataclass(frozen=True)
@@ -82,19 +77,12 @@ def overview(settings) -> Overview:
 
 def read(broker, names) -> dict:
     """{name: QueueStats} for each queue name; BrokerUnavailable if unreachable."""
-    connection = Connection(list(broker.urls), connect_timeout=CONNECT_TIMEOUT, heartbeat=0,
-                            failover_strategy="round-robin")
     try:
-        try:
-            connection.ensure_connection(max_retries=len(broker.urls) - 1, interval_start=0,
-                                         interval_step=0, interval_max=0)
+        with brokers.connect(broker) as connection:
             return _declare_passively(connection, names)
-        except (connection.connection_errors + connection.channel_errors
-                + (OSError, socket.timeout, OperationalError)) as exc:
-            reason = str(exc) or type(exc).__name__
-        raise BrokerUnavailable(f"{broker.redacted()}: {reason}")
-    finally:
-        connection.release()
+    except brokers.ERRORS as exc:
+        reason = str(exc) or type(exc).__name__
+    raise BrokerUnavailable(f"{broker.redacted()}: {reason}")
 
 
 def _declare_passively(connection, names) -> dict:

@@ -68,7 +68,8 @@ def problems(report: Report) -> list:
         for node in overview.nodes:
             if node.failed.messages:
                 found.append(f"{plural(node.failed.messages, 'event')} of {node.node} ran "
-                             f"out of attempts and wait in {node.failed.name}")
+                             f"out of attempts and wait in {node.failed.name} (see "
+                             f"'glance-image-sync failed list' on {node.node})")
             if node.node != report.node:
                 continue
             if not node.queue.exists:
@@ -80,7 +81,8 @@ def problems(report: Report) -> list:
                              "running?)")
         if overview.dead_letter.messages:
             found.append(f"{plural(overview.dead_letter.messages, 'message')} rejected as "
-                         f"malformed or hostile wait in {overview.dead_letter.name}")
+                         f"malformed or hostile wait in {overview.dead_letter.name} (see "
+                         "'glance-image-sync failed list --dead-letter')")
     if report.state_error:
         found.append(report.state_error)
     success, error = report.snapshot.last_success, report.snapshot.last_error
