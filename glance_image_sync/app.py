@@ -14,9 +14,12 @@ from glance_image_sync.config import ConfigError
 from glance_image_sync.dispatch import OrderedDispatcher
 from glance_image_sync.fanout import FanOut
 from glance_image_sync.loop import ConnectionLoop
+from glance_image_sync.metrics import Exporter, Metrics
+from glance_image_sync.nodestate import NodeState
 from glance_image_sync.runlock import RunLock
 from glance_image_sync.store import ImageStore, StoreError
 from glance_image_sync.sync import ImageSync
+from glance_image_sync.telemetry import Telemetry
 from glance_image_sync.tombstones import Tombstones
 from glance_image_sync.transfer import Rsync
 from glance_image_sync.worker import SyncWorker
@@ -38,6 +41,22 @@ def fanout_loop(settings, stop_event=None, once=False) -> ConnectionLoop:
 
 
 @contextmanager
+def exporting(settings, loop):
+    """The sync loop's metrics served and written as configured, while in the block."""
+    exporter = Exporter(settings.metrics, loop.component.telemetry.metrics.registry)
+    exporter.start()
+    try:
+        yield exporter
+    finally:
+        exporter.stop()
+
+
+def write_metrics(settings, loop) -> None:
+    """A one-shot run's metrics into the textfile, if one is configured."""
+    Exporter(settings.metrics, loop.component.telemetry.metrics.registry).write_textfile()
+
+
+@contextmanager
 def sync_loop(settings, stop_event=None, once=False):
     """A ready sync worker's loop; temporaries of a killed run are removed first.
 
@@ -56,8 +75,9 @@ def sync_loop(settings, stop_event=None, once=False):
                         settings.store.datadir)
         tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
         tombstones.prune()
-        image_sync = ImageSync(settings.nodes, store, rsync, tombstones)
-        worker = SyncWorker(settings, image_sync, dispatcher)
+        telemetry = Telemetry(Metrics(settings), NodeState(settings.store.state_dir))
+        image_sync = ImageSync(settings.nodes, store, rsync, tombstones, telemetry)
+        worker = SyncWorker(settings, image_sync, dispatcher, telemetry)
         loop = ConnectionLoop("sync", worker, settings.broker, stop_event, once)
         yield loop
     finally:

@@ -14,6 +14,17 @@ One-shot commands for cron (``*/5 * * * * glance-image-sync both``):
 ``both``
     the two, in that order.
 
+For operators:
+
+``status [--format json]``
+    every node's queue, the failed and dead-letter queues, Glance's
+    notification queue, and this node's last success and last error; exits 1
+    when something needs a human;
+``reconcile [--fix] [--prune]``
+    this node's store against its peers' (missing here, here only, size
+    mismatch); ``--fix`` fetches what is missing, verified; ``--prune`` removes
+    what no peer has; exits 1 when differences remain.
+
 Exit status: 0 when everything was applied, 1 when something failed or was
 rejected (it is logged, and retried or kept where an operator finds it),
 2 for a configuration error. A run that finds another one running exits 0.
@@ -26,7 +37,7 @@ import sys
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from glance_image_sync import app, broker, failed, service, topology
+from glance_image_sync import app, broker, failed, reconcile, service, status, topology
 from glance_image_sync.config import ConfigError
 from glance_image_sync.loop import BrokerUnavailable
 from glance_image_sync.runlock import AlreadyRunning, RunLock
@@ -58,6 +69,24 @@ def _add_commands(subparsers):
     again = actions.add_parser("replay", help="put failed events back in this node's queue")
     again.add_argument("image_ids", nargs="*", metavar="IMAGE_ID",
                        help="only these images (default: every failed event)")
+    status_parser = subparsers.add_parser(
+        "status", help="queues and this node's last sync; exit 1 when something needs a human")
+    status_parser.add_argument("--format", choices=["table", "json"], default="table")
+    reconcile_parser = subparsers.add_parser(
+        "reconcile", help="compare this node's image store with its peers'; exit 1 while "
+        "they differ")
+    reconcile_parser.add_argument(
+        "--fix", action="store_true",
+        help="fetch images missing here, and replace a copy whose size two agreeing peers "
+        "contradict (md5 computed on the peers, the copy verified)")
+    reconcile_parser.add_argument(
+        "--prune", action="store_true",
+        help="remove images no peer has, once every peer answered and no event is queued")
+    reconcile_parser.add_argument(
+        "--min-age", type=int, default=reconcile.DEFAULT_MIN_AGE, metavar="SECONDS",
+        help="leave files changed less than this long ago to the events (default: "
+        "%(default)s)")
+    reconcile_parser.add_argument("--format", choices=["table", "json"], default="table")
 
 
 COMMAND_OPT = cfg.SubCommandOpt("command", title="commands", handler=_add_commands)
@@ -80,11 +109,18 @@ def _sync_images(settings) -> bool:
             loop.run()
         finally:
             loop.close()
+            app.write_metrics(settings, loop)
     worker = loop.component
     LOG.info("sync-images: %d events handled, %d failed attempts, %d rejected",
              worker.handled, worker.failed_attempts, worker.rejected)
     return worker.failed_attempts == 0 and worker.rejected == 0
 
+
+# Operator commands: no run lock, they work beside a running daemon.
+OPERATOR = {
+    "status": status.main,
+    "reconcile": reconcile.main,
+}
 
 ONE_SHOT = {
     "duplicate-notifications": [_duplicate_notifications],
@@ -101,6 +137,8 @@ def main(argv=None) -> int:
             return _daemon(conf, settings)
         if conf.command.name == "failed":
             return _failed(conf.command, settings)
+        if conf.command.name in OPERATOR:
+            return OPERATOR[conf.command.name](conf.command, settings)
         return _one_shot(settings, ONE_SHOT[conf.command.name])
     except ConfigError as exc:
         print(f"glance-image-sync: configuration error: {exc}", file=sys.stderr)

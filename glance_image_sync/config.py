@@ -66,6 +66,13 @@ class TransferSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 0  # 0: no endpoint
+    textfile: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     nodes: Nodes
     broker: BrokerSettings
@@ -74,6 +81,7 @@ class Settings:
     transfer: TransferSettings
     max_parallel: int
     max_attempts: int
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def from_conf(cls, conf) -> Settings:
@@ -113,6 +121,11 @@ class Settings:
             ),
             max_parallel=conf.max_parallel_transfers,
             max_attempts=conf.max_attempts,
+            metrics=MetricsSettings(
+                listen_address=conf.metrics_listen_address,
+                listen_port=conf.metrics_listen_port,
+                textfile=_textfile(conf.metrics_textfile),
+            ),
         )
 
 
@@ -177,6 +190,19 @@ def _ssh_config(value: str | None) -> str | None:
     if not os.path.isfile(value):
         raise ConfigError(f"ssh_config_file {value} does not exist")
     return value
+
+
+def _textfile(value: str | None) -> str | None:
+    if not value:
+        return None
+    path = _absolute_path(value, "metrics_textfile")
+    if not path.endswith(".prom"):
+        raise ConfigError(f"metrics_textfile {value} must end in .prom "
+                          "(node_exporter reads no other file)")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(f"metrics_textfile {value}: directory "
+                          f"{os.path.dirname(path)} does not exist")
+    return path
 
 
 def _file_mode(value: str | None) -> int | None:

@@ -105,8 +105,9 @@ store_opts = [
     cfg.StrOpt(
         "state_dir",
         default="/var/lib/glance-image-sync",
-        help="Directory for this node's own state: the run lock and the record "
-        "of deleted images.",
+        help="Directory for this node's own state: the run lock, the record "
+        "of deleted images, and the last success and last error that "
+        "'glance-image-sync status' shows.",
     ),
     cfg.IntOpt(
         "deleted_image_memory",
@@ -177,6 +178,31 @@ transfer_opts = [
     ),
 ]
 
+metrics_opts = [
+    cfg.PortOpt(
+        "metrics_listen_port",
+        default=0,
+        help="TCP port on which the daemon serves Prometheus metrics at "
+        "/metrics. 0 (the default) serves none.",
+    ),
+    cfg.HostAddressOpt(
+        "metrics_listen_address",
+        default="127.0.0.1",
+        help="Address the metrics endpoint listens on. Loopback by default: "
+        "only a scraper on this node (or a proxy) reaches it; the metrics name "
+        "nodes and queues.",
+    ),
+    cfg.StrOpt(
+        "metrics_textfile",
+        default=None,
+        help="File to write Prometheus metrics into for node_exporter's textfile "
+        "collector, e.g. /var/lib/prometheus/node-exporter/glance-image-sync.prom "
+        "(absolute, ending in .prom, in an existing directory). Written at the "
+        "end of every sync-images or both run, and every 30 seconds by the "
+        "daemon. Default: none.",
+    ),
+]
+
 legacy_opts = [
     cfg.BoolOpt(
         "verbose",
@@ -193,7 +219,8 @@ def list_opts():
     return [
         (
             "DEFAULT",
-            cluster_opts + messaging_opts + store_opts + transfer_opts + legacy_opts,
+            cluster_opts + messaging_opts + store_opts + transfer_opts + metrics_opts
+            + legacy_opts,
         ),
     ]
 

@@ -76,7 +76,8 @@ class Supervisor:
             LOG.error("not starting: %s", exc)
             return 1
         try:
-            with app.sync_loop(self.settings, self.stop_event) as sync_loop:
+            with app.sync_loop(self.settings, self.stop_event) as sync_loop, \
+                    app.exporting(self.settings, sync_loop):
                 fanout_loop = app.fanout_loop(self.settings, self.stop_event)
                 self.loops = [fanout_loop, sync_loop]
                 for loop in self.loops:

@@ -16,6 +16,7 @@ from oslo_log import log as logging
 
 from glance_image_sync.events import Action
 from glance_image_sync.store import DiskFull, StoreError
+from glance_image_sync.telemetry import Telemetry
 from glance_image_sync.transfer import TransferCancelled, TransferFailed
 
 LOG = logging.getLogger(__name__)
@@ -29,11 +30,12 @@ class Outcome:
 
 
 class ImageSync:
-    def __init__(self, nodes, store, rsync, tombstones):
+    def __init__(self, nodes, store, rsync, tombstones, telemetry=None):
         self.nodes = nodes
         self.store = store
         self.rsync = rsync
         self.tombstones = tombstones
+        self.telemetry = telemetry or Telemetry()
 
     def apply(self, event) -> Outcome:
         if event.action is Action.ABSENT:
@@ -89,8 +91,9 @@ class ImageSync:
     def _fetch(self, node, event):
         """Install the image from ``node``; the exception that stopped it, or None."""
         try:
-            self.store.install(event.image_id, event.size, event.checksum,
-                               lambda path: self.rsync.fetch(node, event.image_id, path))
+            with self.telemetry.transfer(node, event.size):
+                self.store.install(event.image_id, event.size, event.checksum,
+                                   lambda path: self.rsync.fetch(node, event.image_id, path))
         except (TransferFailed, StoreError) as exc:
             return exc
         return None

@@ -64,12 +64,17 @@ class TransferCancelled(TransferFailed):
     """The transfer was stopped because the process is shutting down."""
 
 
-def rsync_argv(settings, node: str, image_id: str, dest: str) -> list:
-    """The rsync command that copies ``image_id`` from ``node`` into ``dest``."""
-    events.image_id(image_id)
+def ssh_command(settings) -> str:
+    """rsync's ``-e``: ssh in batch mode, with our timeout and configuration."""
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={settings.connect_timeout}"]
     if settings.ssh_config_file:
         ssh += ["-F", settings.ssh_config_file]
+    return " ".join(ssh)
+
+
+def rsync_argv(settings, node: str, image_id: str, dest: str) -> list:
+    """The rsync command that copies ``image_id`` from ``node`` into ``dest``."""
+    events.image_id(image_id)
     argv = [
         "rsync",
         "--whole-file",
@@ -79,7 +84,7 @@ def rsync_argv(settings, node: str, image_id: str, dest: str) -> list:
         f"--timeout={settings.io_timeout}",
         "--checksum-choice=md5",
         "--out-format=%C %l",
-        "-e", " ".join(ssh),
+        "-e", ssh_command(settings),
     ]
     if settings.bwlimit:
         argv.append(f"--bwlimit={settings.bwlimit}")

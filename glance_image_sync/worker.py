@@ -30,6 +30,7 @@ from glance_image_sync.consumer import QueueConsumer
 from glance_image_sync.events import Rejected
 from glance_image_sync.loop import Reconnect
 from glance_image_sync.sync import Outcome
+from glance_image_sync.telemetry import Telemetry
 
 LOG = logging.getLogger(__name__)
 
@@ -51,10 +52,11 @@ def retry_delay(delays, attempts: int) -> int:
 class SyncWorker(QueueConsumer):
     name = "sync"
 
-    def __init__(self, settings, image_sync, dispatcher):
+    def __init__(self, settings, image_sync, dispatcher, telemetry=None):
         super().__init__(settings)
         self.image_sync = image_sync
         self.dispatcher = dispatcher
+        self.telemetry = telemetry or Telemetry()
         self.prefetch = max(16, 4 * settings.max_parallel)
         self.refresh_after = settings.broker.consumer_timeout / 2
         self.delays = sorted(set(settings.topology.retry_delays))
@@ -80,8 +82,10 @@ class SyncWorker(QueueConsumer):
         try:
             event = events.from_wire(delivery.message.body, self.nodes)
         except Rejected as exc:
+            self.telemetry.received("rejected")
             self.dead_letter(delivery, f"event: {exc.reason}")
             return
+        self.telemetry.received(event.action.value)
         attempts = attempts_of(delivery.message)
         self._held[id(delivery)] = delivery
         self.dispatcher.submit(event.image_id,
@@ -94,6 +98,7 @@ class SyncWorker(QueueConsumer):
         except Exception as exc:  # noqa: BLE001 - reported as a failed attempt
             LOG.exception("image %s: unexpected error on %s", event.image_id, self.nodes.this)
             outcome = Outcome(False, f"unexpected error: {exc}")
+        self.telemetry.applied(event, outcome)
         self.loop.call_soon(lambda: self._applied(delivery, event, attempts, outcome))
 
     def _applied(self, delivery, event, attempts, outcome) -> None:

@@ -5,12 +5,32 @@ them; the integration tiers fail loudly (they are not skipped) when what they
 need is missing, except for root, without which they cannot run at all.
 """
 
+import logging
 import os
 import uuid
 
 import pytest
 
 from tools.localcluster import LocalCluster, broker_running, rabbitmqctl
+
+
+@pytest.fixture(autouse=True)
+def _close_log_files_of_the_test():
+    """Close the log files a test's in-process command opened.
+
+    oslo.log's setup (any command run in-process) puts a WatchedFileHandler on
+    the root logger for the test's log_file. Left there, it reopens that path
+    on every later log call of the session, and raises FileNotFoundError from
+    inside the logging call once the test's directory is removed: later tests
+    then fail wherever the code logs.
+    """
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and handler not in before:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _need_broker():

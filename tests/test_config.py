@@ -75,3 +75,25 @@ def test_sample_configuration_is_generated_and_current(tmp_path):
     committed = (ROOT / "etc/glance-image-sync.conf.sample").read_text()
     assert generated.read_text() == committed, (
         "etc/glance-image-sync.conf.sample is stale: run tools/generate-sample-config")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("metrics_textfile = relative.prom\n", "absolute path"),
+    ("metrics_textfile = /tmp/glance-image-sync.txt\n", "must end in .prom"),
+    ("metrics_textfile = /no/such/dir/x.prom\n", "does not exist"),
+    ("metrics_listen_port = 70000\n", "metrics_listen_port"),
+    ("metrics_listen_address = not an address!\n", "metrics_listen_address"),
+])
+def test_bad_metrics_options_are_refused_at_start_up(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        _prepare(tmp_path, "api_nodes = node1\nhost = node1\n" + text)
+
+
+def test_metrics_are_off_and_on_loopback_by_default(tmp_path):
+    _, settings = _prepare(tmp_path, "api_nodes = node1\nhost = node1\n")
+    assert settings.metrics.listen_port == 0
+    assert settings.metrics.listen_address == "127.0.0.1"
+    assert settings.metrics.textfile is None
+    _, settings = _prepare(tmp_path, "api_nodes = node1\nhost = node1\n"
+                           f"metrics_textfile = {tmp_path}/gis.prom\n")
+    assert settings.metrics.textfile == f"{tmp_path}/gis.prom"

@@ -1,0 +1,232 @@
+"""Prometheus metrics of one glance-image-sync process, and how they leave it.
+
+The metrics live in a registry of the process's own (never prometheus_client's
+global one, so tests and tools can build several). What the sync worker counts
+as it goes:
+
+``glance_image_sync_events_received_total{action}``
+    events read from this node's queue: ``present``, ``absent``, ``rejected``;
+``glance_image_sync_events_applied_total{result}``
+    attempts to apply one: ``ok`` or ``failed`` (a failed one is retried);
+``glance_image_sync_transfers_total{peer,result}``
+    copies fetched from a peer (rsync, then size and md5 verified);
+``glance_image_sync_transferred_bytes_total{peer}``
+    bytes of the copies that were installed;
+``glance_image_sync_transfer_seconds``
+    histogram of the time each installed copy took.
+
+What is read when the metrics are collected (a scrape, or a textfile write):
+
+``glance_image_sync_queue_messages{queue}``, ``glance_image_sync_queue_consumers{queue}``
+    every queue of the cluster (passive declarations; see ``queuestats``);
+    a queue that does not exist has no sample;
+``glance_image_sync_broker_up``
+    1 if the broker answered, else 0;
+``glance_image_sync_last_success_timestamp_seconds``, ``..._last_error_timestamp_seconds``
+    from this node's state file, so a cron run that applied nothing still
+    reports when the last one did; no sample before the first.
+
+Both ways out are off by default: ``Exporter`` serves them over HTTP from the
+daemon (``metrics_listen_port``, on loopback unless ``metrics_listen_address``
+says otherwise) and/or writes a node_exporter textfile (``metrics_textfile``)
+at the end of every ``sync-images`` or ``both`` run and periodically from the
+daemon. prometheus_client writes it to a temporary name and renames it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+from oslo_log import log as logging
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    start_http_server,
+    write_to_textfile,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+from glance_image_sync import nodestate, queuestats
+from glance_image_sync.config import ConfigError
+from glance_image_sync.loop import BrokerUnavailable
+from glance_image_sync.transfer import TransferCancelled
+
+LOG = logging.getLogger(__name__)
+
+PREFIX = "glance_image_sync"
+# Seconds between two textfile writes of the daemon.
+TEXTFILE_EVERY = 30.0
+# From a small image on a LAN to a large one over a bandwidth limit.
+TRANSFER_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
+
+
+class Metrics:
+    """The metrics of one process; ``settings`` None counts only (no broker, no state file)."""
+
+    def __init__(self, settings=None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events_received = Counter(
+            f"{PREFIX}_events_received", "Events read from this node's queue, by action.",
+            ["action"], registry=self.registry)
+        self.events_applied = Counter(
+            f"{PREFIX}_events_applied", "Attempts to apply an event, by result.",
+            ["result"], registry=self.registry)
+        self.transfers = Counter(
+            f"{PREFIX}_transfers", "Copies fetched from a peer and verified (ok) or not (failed).",
+            ["peer", "result"], registry=self.registry)
+        self.transferred_bytes = Counter(
+            f"{PREFIX}_transferred_bytes", "Bytes of the copies installed, by peer.",
+            ["peer"], registry=self.registry)
+        self.transfer_seconds = Histogram(
+            f"{PREFIX}_transfer_seconds", "Seconds each installed copy took to fetch and verify.",
+            buckets=TRANSFER_BUCKETS, registry=self.registry)
+        for action in ("present", "absent", "rejected"):
+            self.events_received.labels(action)
+        for result in ("ok", "failed"):
+            self.events_applied.labels(result)
+        if settings is not None:
+            self.registry.register(_BrokerCollector(settings))
+            self.registry.register(_NodeStateCollector(settings.store.state_dir))
+
+    @contextmanager
+    def transfer(self, peer: str, size: int):
+        """Count the fetch in the ``with`` body: ok if it returns, failed if it raises."""
+        started = time.monotonic()
+        try:
+            yield
+        except TransferCancelled:
+            raise  # a shutdown, not a failure of the peer
+        except BaseException:
+            self.transfers.labels(peer, "failed").inc()
+            raise
+        self.transfers.labels(peer, "ok").inc()
+        self.transferred_bytes.labels(peer).inc(size)
+        self.transfer_seconds.observe(time.monotonic() - started)
+
+
+class _BrokerCollector:
+    """Queue depths and consumers, read from the broker at collection time."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def describe(self):
+        return []  # values depend on the broker: no fixed description at registration
+
+    def collect(self):
+        up = GaugeMetricFamily(f"{PREFIX}_broker_up", "1 if the broker answered, else 0.")
+        messages = GaugeMetricFamily(f"{PREFIX}_queue_messages",
+                                     "Messages ready in each queue of the cluster.",
+                                     labels=["queue"])
+        consumers = GaugeMetricFamily(f"{PREFIX}_queue_consumers",
+                                      "Consumers of each queue of the cluster.",
+                                      labels=["queue"])
+        try:
+            overview = queuestats.overview(self.settings)
+        except BrokerUnavailable as exc:
+            failure = exc
+        else:
+            failure = None
+            for queue in overview.all_queues():
+                if queue.exists:
+                    messages.add_metric([queue.name], queue.messages)
+                    consumers.add_metric([queue.name], queue.consumers)
+        if failure is not None:
+            # broker_up says it at every scrape; the consumers already log the outage.
+            LOG.debug("metrics: no queue depths: %s", failure)
+        up.add_metric([], 0 if failure else 1)
+        yield from (up, messages, consumers)
+
+
+class _NodeStateCollector:
+    """This node's last success and last error, from its state file."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        success = GaugeMetricFamily(f"{PREFIX}_last_success_timestamp_seconds",
+                                    "When this node last applied an event (Unix time).")
+        error = GaugeMetricFamily(f"{PREFIX}_last_error_timestamp_seconds",
+                                  "When an event last failed on this node (Unix time).")
+        try:
+            snapshot = nodestate.load(self.state_dir)
+        except nodestate.NodeStateError as exc:
+            failure = exc
+        else:
+            failure = None
+            if snapshot.last_success:
+                success.add_metric([], snapshot.last_success.time)
+            if snapshot.last_error:
+                error.add_metric([], snapshot.last_error.time)
+        if failure is not None:
+            LOG.warning("metrics: %s", failure)
+        yield from (success, error)
+
+
+class Exporter:
+    """Makes one registry's metrics available as ``MetricsSettings`` asks."""
+
+    def __init__(self, settings, registry):
+        self.settings = settings
+        self.registry = registry
+        self._server = None
+        self._stop = threading.Event()
+        self._writer = None
+
+    @property
+    def address(self):
+        """(host, port) the endpoint listens on, or None."""
+        return self._server.server_address[:2] if self._server else None
+
+    def start(self) -> None:
+        """Serve over HTTP and keep the textfile fresh, as configured (the daemon)."""
+        if self.settings.listen_port:
+            try:
+                self._server, _ = start_http_server(self.settings.listen_port,
+                                                    addr=self.settings.listen_address,
+                                                    registry=self.registry)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {self.settings.listen_address}:"
+                    f"{self.settings.listen_port}: {exc.strerror}") from None
+            LOG.info("metrics: serving http://%s:%d/metrics", *self.address)
+        if self.settings.textfile:
+            self._writer = threading.Thread(target=self._keep_writing, name="metrics",
+                                            daemon=True)
+            self._writer.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._writer is not None:
+            self._stop.set()
+            self._writer.join()
+            self._writer = None
+            self.write_textfile()
+
+    def write_textfile(self) -> None:
+        """Write the textfile now, if one is configured; a failure is logged."""
+        if not self.settings.textfile:
+            return
+        try:
+            write_to_textfile(self.settings.textfile, self.registry)
+        except OSError as exc:
+            failure = exc
+        else:
+            return
+        LOG.warning("metrics: cannot write %s: %s", self.settings.textfile, failure)
+
+    def _keep_writing(self) -> None:
+        while True:
+            self.write_textfile()
+            if self._stop.wait(TEXTFILE_EVERY):
+                return
