@@ -199,7 +199,7 @@ def test_a_peer_with_an_unknown_or_changed_host_key_is_never_copied_from(cluster
 
     # A changed key, then none at all: each named in the log, neither ever accepted.
     for text, named in ((changed, "REMOTE HOST IDENTIFICATION HAS CHANGED"),
-                        ("", "host key is known for")):
+                        ("", "Host key verification failed")):
         known_hosts.write_text(text)
         mark = node2.log.stat().st_size if node2.log.exists() else 0
 
