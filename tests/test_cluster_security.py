@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import subprocess
+import uuid
 
 import pytest
 
@@ -93,7 +94,7 @@ def test_the_restricted_key_reads_only_the_store_and_does_nothing_else(cluster):
 
     refusals = {
         "write": as_client(cluster, ["rsync", "-e", " ".join(ssh(cluster)), "--", str(payload),
-                                     f"root@node1:{DATADIR}/{outside_link[:-1]}6"]),
+                                     f"root@node1:{DATADIR}/{uuid.uuid4()}"]),
         "delete": as_client(cluster, ["rsync", "-e", " ".join(ssh(cluster)), "-r", "--delete",
                                       "--", str(cluster.base / "received") + "/",
                                       f"root@node1:{DATADIR}/"]),
