@@ -8,6 +8,7 @@ image are applied in order while other images proceed in parallel.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,7 +39,10 @@ class OrderedDispatcher:
             try:
                 job()
             except Exception:  # noqa: BLE001 - a job's bug must not stall its key
-                LOG.exception("unexpected error in a job for %s", key)
+                # Nor may a log handler that fails: WatchedFileHandler raises
+                # (instead of reporting) when its file's directory is gone.
+                with contextlib.suppress(Exception):
+                    LOG.exception("unexpected error in a job for %s", key)
             with self._lock:
                 waiting = self._queues[key]
                 if waiting:

@@ -56,6 +56,28 @@ def test_a_failing_job_does_not_stall_its_key():
     dispatcher.shutdown()
 
 
+def test_a_log_handler_that_raises_does_not_stall_a_key(tmp_path):
+    import logging.handlers
+
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    handler = logging.handlers.WatchedFileHandler(str(directory / "x.log"))
+    directory.joinpath("x.log").unlink()
+    directory.rmdir()  # as when a test's cluster directory is removed
+    logger = logging.getLogger("glance_image_sync.dispatch")
+    logger.addHandler(handler)
+    try:
+        dispatcher = OrderedDispatcher(max_workers=1)
+        ran = threading.Event()
+        dispatcher.submit("image", lambda: 1 / 0)
+        dispatcher.submit("image", ran.set)
+        assert ran.wait(10)
+        dispatcher.shutdown()
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
     with RunLock.in_dir(str(tmp_path)):
         with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"):
