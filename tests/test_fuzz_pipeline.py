@@ -506,7 +506,8 @@ def package_log_lines():
         yield log
     finally:
         logger.removeHandler(log)
-        logger.level, logger.propagate = saved
+        logger.setLevel(saved[0])  # not .level =: setLevel also clears the loggers' caches
+        logger.propagate = saved[1]
 
 
 # -- checks -----------------------------------------------------------------------------
