@@ -24,9 +24,10 @@ def normalize_hostname(name: object) -> str | None:
     """The host name in canonical form, or None when it is not one.
 
     Only letters, digits, hyphens and dots: a name that passes can be handed to
-    ssh and used in a queue name.
+    ssh and used in a queue name. ASCII is checked before case folding, since
+    Unicode folds some look-alikes onto ASCII (KELVIN SIGN lower-cases to "k").
     """
-    if not isinstance(name, str) or not 0 < len(name) <= 253:
+    if not isinstance(name, str) or not 0 < len(name) <= 253 or not name.isascii():
         return None
     name = name.lower()
     if name.endswith("."):

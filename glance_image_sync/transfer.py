@@ -174,6 +174,11 @@ def _kill_group(proc) -> None:
 
 
 def _first_line(text: str) -> str:
-    """rsync and ssh name the cause first; what follows is its consequences."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """rsync and ssh name the cause first; what follows is its consequences.
+
+    ssh frames its gravest warning, a peer's host key that has changed, in lines of ``@``:
+    the frame is dropped, so the log says what happened rather than ``@@@@``.
+    """
+    lines = [line.strip().strip("@").strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
     return lines[0][:500] if lines else "no message"

@@ -1,6 +1,7 @@
 """The daemon on the real cluster: replication without cron, systemd's view of
 it, broker restarts, shutdowns in the middle of a transfer, reloads."""
 
+import logging
 import os
 import pathlib
 import signal
@@ -107,10 +108,25 @@ def _in_process_settings(cluster, node, **options):
     return conf, settings
 
 
+def _restore_root_handlers(handlers):
+    """Undo oslo.log's setup, which replaced the root logger's handlers with its own.
+
+    Its file handler writes into the cluster's directory, which goes with the cluster:
+    left in place, every later log call of the test session would raise
+    (WatchedFileHandler cannot reopen its file, and does not report that, it raises).
+    """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+
+
 def test_a_wedged_consumer_stops_the_watchdog_pings(cluster, monkeypatch):
     notify = NotifySocket(cluster.base / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    pytest_handlers = list(logging.getLogger().handlers)
     conf, settings = _in_process_settings(cluster, cluster["node2"], heartbeat=10)
     supervisor = Supervisor(conf, settings, handle_signals=False)
     thread = threading.Thread(target=supervisor.run)
@@ -137,6 +153,7 @@ def test_a_wedged_consumer_stops_the_watchdog_pings(cluster, monkeypatch):
         supervisor.request_stop()
         thread.join(30)
         notify.close()
+        _restore_root_handlers(pytest_handlers)
     assert not thread.is_alive()
 
 

@@ -22,7 +22,8 @@ def test_host_names_are_matched_by_fqdn_and_by_short_name():
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a b", "x;y", "a/../b", "ñode", "a" * 64, None, 3,
-                                  "node1\x00", "-oProxyCommand=x"])
+                                  "node1\x00", "-oProxyCommand=x",
+                                  "\u212aube2", "nod\u04351", "node\uff11"])
 def test_only_plain_host_names_pass(name):
     assert normalize_hostname(name) is None
 

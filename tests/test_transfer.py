@@ -6,7 +6,7 @@ import pytest
 
 from glance_image_sync.config import TransferSettings
 from glance_image_sync.events import Rejected
-from glance_image_sync.transfer import parse_report, rsync_argv, subprocess_env
+from glance_image_sync.transfer import _first_line, parse_report, rsync_argv, subprocess_env
 
 SETTINGS = TransferSettings(user="glance", ssh_config_file="/etc/glance/ssh_config",
                             connect_timeout=10, io_timeout=120, total_timeout=3600,
@@ -50,3 +50,16 @@ def test_subprocesses_get_a_minimal_environment(monkeypatch):
     assert set(env) == {"PATH", "LC_ALL", "HOME"}
     assert env["HOME"] == "/var/lib/glance"
     assert os.pathsep in env["PATH"]
+
+
+def test_a_changed_host_key_is_named_in_the_error_not_hidden_behind_its_frame():
+    stderr = ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+              "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n"
+              "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+              "IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n"
+              "Host key verification failed.\n"
+              "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]\n")
+    assert _first_line(stderr) == "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!"
+    assert _first_line("\n  \n") == "no message"
+    assert _first_line('rsync: link_stat "/x" failed: No such file or directory (2)\n') == \
+        'rsync: link_stat "/x" failed: No such file or directory (2)'

@@ -37,6 +37,9 @@ BROKER = "127.0.0.1:5672"
 FIXTURE = ROOT / "tests/fixtures/notifications/real-glance-33/04-image.upload.json"
 # Installed images get the owner of the datadir; these ids need no user.
 STORE_UID = STORE_GID = 4242
+# What README.rst tells operators to put before the peers' key in authorized_keys: rsync
+# may only read the image store (rrsync; -absolute lets our absolute remote paths through).
+RRSYNC_KEY_OPTIONS = f'command="rrsync -ro -absolute {DATADIR}",restrict'
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
@@ -252,8 +255,10 @@ class Node:
 
 
 class LocalCluster:
+    """The cluster; with ``restricted_key``, the client key may only run read-only rrsync."""
+
     def __init__(self, size=3, base=None, extra_config=None, durable=False, store_sizes=None,
-                 subnet=None):
+                 subnet=None, restricted_key=False):
         self.base = pathlib.Path(base or tempfile.mkdtemp(prefix="gis-cluster-"))
         self.vhost = f"gis-{uuid.uuid4().hex[:12]}"
         # All of 127/8 is loopback: a /24 of its own per cluster.
@@ -270,6 +275,7 @@ class LocalCluster:
         if durable:
             self.extra_config.setdefault("notification_durable", "true")
         self.store_sizes = dict(store_sizes or {})
+        self.restricted_key = restricted_key
         script = pathlib.Path(sys.executable).with_name("glance-image-sync")
         self.program = [str(script)] if script.exists() else [sys.executable, "-m",
                                                               "glance_image_sync.cli"]
@@ -291,7 +297,9 @@ class LocalCluster:
         rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(self.client_key)], check=True)
-        self.authorized_keys.write_text((self.base / "client_ed25519.pub").read_text())
+        public_key = (self.base / "client_ed25519.pub").read_text()
+        self.authorized_keys.write_text(
+            f"{RRSYNC_KEY_OPTIONS} {public_key}" if self.restricted_key else public_key)
         for node in self.nodes:
             node.start_namespace()
             node.start_sshd()
