@@ -184,8 +184,8 @@ def replication_time(size=GiB, rounds=3) -> Result:
             node.start_daemon()
         source, md5, _ = cluster.new_image("node1", size=size)
         ours, floors = [], []
+        floor_dest = "/var/lib/glance/images/floor-copy"
         for _ in range(rounds):
-            floor_dest = "/var/lib/glance/images/floor-copy"
             floors.append(parallel([
                 lambda node=node: plain_rsync(cluster, node, [f"/var/lib/glance/images/{source}"],
                                               floor_dest)

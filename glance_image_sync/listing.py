@@ -12,23 +12,19 @@ allows rsync (rrsync) answers these too:
     of one image into an empty directory: the peer's rsync reads the file and
     reports its md5; nothing is copied.
 
-Argument lists, ``--`` before operands, a minimal environment, rsync's own
-I/O timeout and an overall one of ours; rsync and its ssh are killed together.
+Argument lists, ``--`` before operands, rsync's own I/O timeout; the rest
+(environment, overall timeout, killing) is transfer.run_rsync's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 
 from glance_image_sync import events
-from glance_image_sync.transfer import TransferFailed, ssh_command, subprocess_env
+from glance_image_sync.transfer import TransferFailed, run_rsync, ssh_command
 
 # "-rw-r-----      4194304 2024/05/01 10:42:07 <name>" (with --no-human-readable)
 _LIST_RE = re.compile(r"(?P<type>\S)\S{9}\s+(?P<size>\d+)\s+"
@@ -100,19 +96,4 @@ def remote_md5(settings, node: str, image_id: str):
 
 
 def _run(argv, settings, node: str) -> str:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=subprocess_env(), close_fds=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=settings.total_timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # rsync and its ssh
-        proc.communicate()
-        raise TransferFailed(f"rsync to {node} took over {settings.total_timeout} s; "
-                             "killed") from None
-    if proc.returncode != 0:
-        lines = [x.strip() for x in stderr.decode("utf-8", "replace").splitlines() if x.strip()]
-        raise TransferFailed(f"rsync to {node} exited {proc.returncode}: "
-                             f"{lines[0][:300] if lines else 'no message'}")
-    return stdout.decode("utf-8", "replace")
+    return run_rsync(argv, f"rsync with {node}", settings.total_timeout)

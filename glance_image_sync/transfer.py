@@ -109,6 +109,43 @@ def parse_report(stdout: str) -> str | None:
     return None
 
 
+def run_rsync(argv: list, what: str, timeout: int, register=None, unregister=None) -> str:
+    """Run one rsync (and the ssh under it); its stdout, or TransferFailed.
+
+    The one place the package starts a program: an argument list, stdin from
+    /dev/null, the minimal environment, a session of its own (so rsync and
+    its ssh are killed together) that dies with us, and ``timeout`` seconds in
+    all. ``what`` names the transfer in errors ("rsync from node1").
+    ``register(proc)`` may refuse to let it run by raising (it is killed).
+    """
+    LOG.debug("running %s", argv)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=subprocess_env(), close_fds=True, start_new_session=True,
+        preexec_fn=_die_with_parent,  # takes no locks: see there
+    )
+    try:
+        if register is not None:
+            register(proc)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise TransferFailed(f"{what} took over {timeout} s; killed") from None
+    except BaseException:
+        _kill_group(proc)
+        proc.communicate()
+        raise
+    finally:
+        if unregister is not None:
+            unregister(proc)
+    text = stderr.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise TransferFailed(f"{what} exited {proc.returncode}: {_first_line(text)}",
+                             disk_full="No space left on device" in text)
+    return stdout.decode("utf-8", "replace")
+
+
 class Rsync:
     """Runs transfers; ``cancel_all`` stops every running one at once."""
 
@@ -120,38 +157,22 @@ class Rsync:
 
     def fetch(self, node: str, image_id: str, dest: str):
         """Copy the image into ``dest``; return the md5 rsync reports, if any."""
-        argv = rsync_argv(self.settings, node, image_id, dest)
-        LOG.debug("running %s", argv)
+        stdout = run_rsync(rsync_argv(self.settings, node, image_id, dest),
+                           f"rsync from {node}", self.settings.total_timeout,
+                           register=self._register, unregister=self._unregister)
+        if self._cancelled:
+            raise TransferCancelled("shutting down")
+        return parse_report(stdout)
+
+    def _register(self, proc) -> None:
         with self._lock:
             if self._cancelled:
                 raise TransferCancelled("shutting down")
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=subprocess_env(), close_fds=True,
-                start_new_session=True,  # rsync and its ssh die together
-                preexec_fn=_die_with_parent,  # takes no locks: see there
-            )
             self._running.add(proc)
-        try:
-            stdout, stderr = proc.communicate(timeout=self.settings.total_timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            raise TransferFailed(
-                f"rsync from {node} took over {self.settings.total_timeout} s; killed"
-            ) from None
-        finally:
-            with self._lock:
-                self._running.discard(proc)
-        if self._cancelled:
-            raise TransferCancelled("shutting down")
-        text = stderr.decode("utf-8", "replace")
-        if proc.returncode != 0:
-            raise TransferFailed(
-                f"rsync from {node} exited {proc.returncode}: {_first_line(text)}",
-                disk_full="No space left on device" in text,
-            )
-        return parse_report(stdout.decode("utf-8", "replace"))
+
+    def _unregister(self, proc) -> None:
+        with self._lock:
+            self._running.discard(proc)
 
     @property
     def running(self) -> int:
