@@ -27,6 +27,7 @@ class Outcome:
     ok: bool
     detail: str
     cancelled: bool = False
+    changed: bool = False  # the store changed (an install or a delete)
 
 
 class ImageSync:
@@ -56,7 +57,7 @@ class ImageSync:
         self.store.remove_temporaries(event.image_id)
         if removed:
             LOG.info("image %s: deleted on %s", event.image_id, self.nodes.this)
-            return Outcome(True, "deleted")
+            return Outcome(True, "deleted", changed=True)
         return Outcome(True, "was not here")
 
     def _ensure_present(self, event) -> Outcome:
@@ -76,7 +77,7 @@ class ImageSync:
             if failure is None:
                 LOG.info("image %s: installed and verified on %s (from %s)", image_id,
                          self.nodes.this, node)
-                return Outcome(True, f"installed from {node}")
+                return Outcome(True, f"installed from {node}", changed=True)
             if isinstance(failure, TransferCancelled):
                 return Outcome(False, "cancelled", cancelled=True)
             if isinstance(failure, DiskFull) or getattr(failure, "disk_full", False):

@@ -3,7 +3,8 @@
 The worker and ``ImageSync`` call three hooks and nothing else:
 ``received(action)`` when an event is read, ``applied(event, outcome)`` when an
 attempt to apply it ends (on the transfer thread, so the fsync of the state
-file never delays the connection thread), and ``transfer(peer, size)`` around
+file never delays the connection thread; only installs, deletes and failures
+are written there), and ``transfer(peer, size)`` around
 each fetch. A hook never raises into its caller: a state file that cannot be
 written is logged, and syncing goes on.
 """
@@ -29,7 +30,10 @@ class Telemetry:
         if outcome.cancelled:
             return  # a shutdown: the event is delivered again
         self.metrics.events_applied.labels("ok" if outcome.ok else "failed").inc()
-        if self.node_state is None:
+        # A no-op (already in place, already gone) is no news for status, and
+        # Glance sends image.update on every property change: recording each
+        # would cost two fsyncs per event.
+        if self.node_state is None or (outcome.ok and not outcome.changed):
             return
         record = self.node_state.record_success if outcome.ok else self.node_state.record_error
         try:

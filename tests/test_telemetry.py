@@ -88,15 +88,16 @@ def test_telemetry_counts_events_and_records_outcomes_but_not_cancellations(tmp_
     telemetry.received("present")
     telemetry.received("present")
     telemetry.received("rejected")
-    telemetry.applied(EVENT, Outcome(True, "installed from node1"))
+    telemetry.applied(EVENT, Outcome(True, "installed from node1", changed=True))
     telemetry.applied(EVENT, Outcome(False, "node1: timeout"))
     telemetry.applied(EVENT, Outcome(False, "cancelled", cancelled=True))
+    telemetry.applied(EVENT, Outcome(True, "already in place"))  # counted, not recorded
 
     got = samples(telemetry.metrics.registry)
     assert got[("glance_image_sync_events_received_total", (("action", "present"),))] == 2
     assert got[("glance_image_sync_events_received_total", (("action", "rejected"),))] == 1
     assert got[("glance_image_sync_events_received_total", (("action", "absent"),))] == 0
-    assert got[("glance_image_sync_events_applied_total", (("result", "ok"),))] == 1
+    assert got[("glance_image_sync_events_applied_total", (("result", "ok"),))] == 2
     assert got[("glance_image_sync_events_applied_total", (("result", "failed"),))] == 1
     snapshot = nodestate.load(str(tmp_path))
     assert snapshot.last_success.detail == "installed from node1"
@@ -108,7 +109,7 @@ def test_an_unwritable_state_dir_is_logged_and_syncing_goes_on(tmp_path):
     state_dir.mkdir()
     telemetry = Telemetry(Metrics(), nodestate.NodeState(str(state_dir)))
     state_dir.rmdir()
-    telemetry.applied(EVENT, Outcome(True, "installed from node1"))  # must not raise
+    telemetry.applied(EVENT, Outcome(True, "installed from node1", changed=True))  # no raise
     got = samples(telemetry.metrics.registry)
     assert got[("glance_image_sync_events_applied_total", (("result", "ok"),))] == 1
 
