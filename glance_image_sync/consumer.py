@@ -13,6 +13,7 @@ already put the message back, and it will be handled again, idempotently).
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -35,7 +36,42 @@ class Delivery:
     message: object
     generation: int
     received: float = field(default_factory=time.monotonic)
-    settled: bool = False
+    settled: bool = False  # acked (or about to be, at the end of this loop turn)
+    refreshing: bool = False  # re-queued for consumer_timeout; its copy will do
+
+
+class AckBatch:
+    """The acks of one channel, sent once per turn of the loop.
+
+    A run of consecutive delivery tags goes as one ``basic.ack(multiple)``;
+    tags finished out of order (a long transfer ahead of them) go one by one,
+    so they never wait for it.
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+        self._unacked = collections.deque()  # delivered, not acked; ascending
+        self._ready = set()
+
+    def delivered(self, tag) -> None:
+        self._unacked.append(tag)
+
+    def ack(self, tag) -> None:
+        self._ready.add(tag)
+
+    def flush(self) -> None:
+        if not self._ready:
+            return
+        upto = None
+        while self._unacked and self._unacked[0] in self._ready:
+            upto = self._unacked.popleft()
+            self._ready.discard(upto)
+        if upto is not None:
+            self.channel.basic_ack(upto, multiple=True)
+        for tag in sorted(self._ready):
+            self.channel.basic_ack(tag)
+            self._unacked.remove(tag)
+        self._ready.clear()
 
 
 class QueueConsumer:
@@ -48,6 +84,7 @@ class QueueConsumer:
         self.loop = None
         self.publisher = None
         self.channel = None
+        self.acks = None
         self.queue = None
         self.generation = 0
         self.in_flight = 0
@@ -70,6 +107,7 @@ class QueueConsumer:
         self.generation += 1
         self.in_flight = 0
         self.channel = connection.channel()
+        self.acks = AckBatch(self.channel)
         self.queue = self.declare(connection, self.channel).bind(self.channel)
         self.publisher = ConfirmingPublisher(connection)
         self.channel.basic_qos(prefetch_size=0, prefetch_count=self.prefetch, a_global=False)
@@ -78,8 +116,13 @@ class QueueConsumer:
         LOG.info("%s: consuming %s", self.name, self.queue.name)
 
     def connection_lost(self) -> None:
-        self.channel = self.publisher = None
+        self.channel = self.publisher = self.acks = None
         self.in_flight = 0
+
+    def flush(self) -> None:
+        """End of a turn of the loop: send the acks it decided."""
+        if self.acks is not None:
+            self.acks.flush()
 
     def next_deadline(self):
         return None
@@ -88,6 +131,7 @@ class QueueConsumer:
         pass
 
     def is_drained(self) -> bool:
+        self.flush()
         if self.in_flight or self.publisher.pending:
             return False
         # Deliveries sent before the declare-ok are dispatched while waiting
@@ -103,6 +147,7 @@ class QueueConsumer:
 
     def _on_message(self, message) -> None:
         self.in_flight += 1
+        self.acks.delivered(message.delivery_tag)
         delivery = Delivery(message, self.generation)
         # Handled once this callback has returned, never inside it: py-amqp
         # reads and dispatches frames within basic_publish (its
@@ -125,8 +170,12 @@ class QueueConsumer:
         self.in_flight -= 1
         self.handled += 1
         if ack and not delivery.settled:
-            delivery.settled = True
-            delivery.message.ack()
+            self.settle(delivery)
+
+    def settle(self, delivery: Delivery) -> None:
+        """Ack it (at the end of this turn of the loop); never twice."""
+        delivery.settled = True
+        self.acks.ack(delivery.message.delivery_tag)
 
     def forward(self, delivery: Delivery, routing_key: str, headers: dict,
                 what: str, expiration_ms: int | None = None) -> None:

@@ -49,8 +49,9 @@ class FanOut(QueueConsumer):
             LOG.debug("fan-out: ignored %s", result.reason)
             self.finish(delivery)
             return
-        LOG.info("image %s: %s from %s; queued for %s", result.image_id, result.event_type,
-                 result.source or "an unnamed publisher", ", ".join(self.nodes.all))
+        # At debug: every node logs what it does with the event itself.
+        LOG.debug("image %s: %s from %s; queued for %s", result.image_id, result.event_type,
+                  result.source or "an unnamed publisher", ", ".join(self.nodes.all))
         self._publish_copies(delivery, result)
 
     def _publish_copies(self, delivery, event) -> None:

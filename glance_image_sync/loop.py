@@ -18,7 +18,9 @@ A component is an object with:
 ``is_drained()``
     (``once`` mode) True when its queue is empty and nothing is in flight;
 ``next_deadline()``
-    the monotonic time it next wants ``on_timer()`` called, or None.
+    the monotonic time it next wants ``on_timer()`` called, or None;
+``flush()``
+    the end of a turn of the loop (to send what it batched).
 
 A component that finds the topology broken under it (a queue deleted while it
 runs) raises ``Reconnect``: the loop then reconnects, which declares it again.
@@ -193,10 +195,12 @@ class ConnectionLoop:
             deadline = self.component.next_deadline()
             if deadline is not None and now >= deadline:
                 self.component.on_timer()
+            self.component.flush()
             if self.once and now - quiet_since >= ONCE_QUIET_SECONDS:
                 if self.component.is_drained():
                     return True
                 quiet_since = time.monotonic()
+        self.component.flush()
         return True
 
     def _drain(self, connection, sock) -> None:

@@ -18,12 +18,17 @@ message unacked so the broker delivers it again.
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections import OrderedDict
 
 import amqp
 
-_MESSAGE_ID_PREFIX = "gis-"
+
+class _Pending:
+    __slots__ = ("exchange", "routing_key", "on_done", "returned")
+
+    def __init__(self, exchange, routing_key, on_done):
+        self.exchange, self.routing_key, self.on_done = exchange, routing_key, on_done
+        self.returned = None
 
 
 class ConfirmingPublisher:
@@ -35,10 +40,8 @@ class ConfirmingPublisher:
         self.channel.events["basic_nack"].add(self._on_nack)
         self.channel.events["basic_return"].add(self._on_return)
         self._tags = itertools.count(1)
-        # delivery tag -> (message id, on_done); confirms come in tag order.
+        # delivery tag -> _Pending, in publish order (the order of confirms).
         self._pending = OrderedDict()
-        self._returned = {}
-        self._run = uuid.uuid4().hex[:12]
 
     @property
     def pending(self) -> int:
@@ -47,23 +50,15 @@ class ConfirmingPublisher:
     def publish(self, body: bytes, routing_key: str, on_done, exchange: str = "",
                 headers=None, content_type: str = "application/json",
                 expiration_ms: int | None = None) -> None:
-        tag = next(self._tags)
-        message_id = f"{_MESSAGE_ID_PREFIX}{self._run}-{tag}"
-        properties = {}
+        properties = {"content_type": content_type, "content_encoding": "utf-8",
+                      "delivery_mode": 2}  # persistent
+        if headers:
+            properties["application_headers"] = dict(headers)
         if expiration_ms is not None:
             properties["expiration"] = str(expiration_ms)
-        message = amqp.Message(
-            body,
-            content_type=content_type,
-            content_encoding="utf-8",
-            delivery_mode=2,  # persistent
-            message_id=message_id,
-            application_headers=dict(headers or {}),
-            **properties,
-        )
-        self._pending[tag] = (message_id, on_done)
-        self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key,
-                                   mandatory=True)
+        self._pending[next(self._tags)] = _Pending(exchange, routing_key, on_done)
+        self.channel.basic_publish(amqp.Message(body, **properties), exchange=exchange,
+                                   routing_key=routing_key, mandatory=True)
 
     def _settle(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
         if multiple:
@@ -71,14 +66,13 @@ class ConfirmingPublisher:
         else:
             tags = [delivery_tag] if delivery_tag in self._pending else []
         for tag in tags:
-            message_id, on_done = self._pending.pop(tag)
-            returned = self._returned.pop(message_id, None)
+            entry = self._pending.pop(tag)
             if nacked:
-                on_done(False, "the broker refused it (nack)")
-            elif returned is not None:
-                on_done(False, returned)
+                entry.on_done(False, "the broker refused it (nack)")
+            elif entry.returned is not None:
+                entry.on_done(False, entry.returned)
             else:
-                on_done(True, "")
+                entry.on_done(True, "")
 
     def _on_ack(self, delivery_tag, multiple):
         self._settle(delivery_tag, multiple, nacked=False)
@@ -87,10 +81,12 @@ class ConfirmingPublisher:
         self._settle(delivery_tag, multiple, nacked=True)
 
     def _on_return(self, exc, exchange, routing_key, message):
-        # RabbitMQ sends basic.return before the basic.ack of the same
-        # message; remember it until that ack settles the publish.
-        message_id = message.properties.get("message_id")
-        if message_id:
-            self._returned[message_id] = (
-                f"unroutable: no queue {routing_key!r} on exchange {exchange!r} ({exc})"
-            )
+        # RabbitMQ handles a channel's publishes in order and sends basic.return
+        # before the basic.ack of the same message: the message returned is the
+        # oldest one to that destination not yet known to be returned.
+        for entry in self._pending.values():
+            if (entry.returned is None and entry.routing_key == routing_key
+                    and entry.exchange == exchange):
+                entry.returned = (f"unroutable: no queue {routing_key!r} on exchange "
+                                  f"{exchange!r} ({exc})")
+                return

@@ -113,10 +113,11 @@ class SyncWorker(QueueConsumer):
             return
         self.last_error = (time.time(), event.image_id, outcome.detail)
         self.failed_attempts += 1
-        if not self.current(delivery):
-            # Already re-queued (consumer_timeout) or from a lost connection:
-            # the copy in the queue gets the next attempt.
-            self.finish(delivery)
+        if delivery.refreshing or not self.current(delivery):
+            # Re-queued for consumer_timeout (the copy gets the next attempt,
+            # and acks this delivery once the broker has it), or from a lost
+            # connection (the broker delivers it again).
+            self.finish(delivery, ack=False)
             return
         self._retry_or_park(delivery, event, attempts + 1, outcome.detail)
 
@@ -142,15 +143,17 @@ class SyncWorker(QueueConsumer):
     # -- consumer_timeout ---------------------------------------------------
 
     def next_deadline(self):
-        waiting = [d.received for d in self._held.values() if not d.settled]
+        waiting = [d.received for d in self._held.values()
+                   if not d.settled and not d.refreshing]
         return min(waiting) + self.refresh_after if waiting else None
 
     def on_timer(self) -> None:
         now = time.monotonic()
         for delivery in list(self._held.values()):
-            if delivery.settled or now - delivery.received < self.refresh_after:
+            if (delivery.settled or delivery.refreshing
+                    or now - delivery.received < self.refresh_after):
                 continue
-            delivery.settled = True  # no second refresh, and no ack by its job
+            delivery.refreshing = True
             self._requeue_held(delivery)
 
     def _requeue_held(self, delivery) -> None:
@@ -162,7 +165,8 @@ class SyncWorker(QueueConsumer):
                 return
             if not ok:
                 raise Reconnect(f"re-queueing a long transfer's event: {reason}")
-            message.ack()
+            if not delivery.settled:  # its job may have finished meanwhile
+                self.settle(delivery)
 
         LOG.info("%s: an event has waited %.0f s (consumer_timeout %d s); re-queued so "
                  "the broker keeps it", self.name, time.monotonic() - delivery.received,
