@@ -126,10 +126,12 @@ class ImageStore:
         """Fetch, verify and atomically install ``<id>``.
 
         ``fetch(path)`` writes the copy into the (existing, empty) file at
-        ``path``, giving it the source's mode, and returns the md5 rsync
-        computed over the bytes it wrote, or None to have it computed here.
-        The installed file gets ``image_file_mode`` if set, else that mode
-        (never set-id or sticky bits), and the datadir's owner and group.
+        ``path`` and gives it the source's mode. The md5 is computed while it
+        writes, reading right behind it (so verifying adds no second pass over
+        the image); should the writer go back over bytes already read, the
+        file is read again before anything is concluded. The installed file
+        gets ``image_file_mode`` if set, else the source's mode (never set-id
+        or sticky bits), and the datadir's owner and group.
         """
         name = events.image_id(image_id)
         free = self.free_bytes()
@@ -139,13 +141,19 @@ class ImageStore:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.dir_fd)
         try:
-            reported_md5 = fetch(os.path.join(self.datadir, temp))
+            follower = Md5Follower(fd)
+            follower.start()
+            try:
+                fetch(os.path.join(self.datadir, temp))
+            finally:
+                digest, hashed = follower.finish()
             st = os.fstat(fd)
             if os.stat(temp, dir_fd=self.dir_fd, follow_symlinks=False).st_ino != st.st_ino:
                 raise StoreError(f"temporary file {temp} was replaced during the transfer")
             if st.st_size != size:
                 raise VerificationFailed(f"size {st.st_size}, expected {size}")
-            digest = reported_md5 or md5_of_fd(fd)
+            if digest != md5 or hashed != st.st_size:
+                digest = md5_of_fd(fd)  # the follower may have read bytes rewritten since
             if digest != md5:
                 raise VerificationFailed(f"md5 {digest}, expected {md5}")
             if (st.st_uid, st.st_gid) != self.owner:
@@ -210,6 +218,49 @@ class ImageStore:
 
 def _cache_key(st):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Md5Follower(threading.Thread):
+    """The md5 of a file that is being written from start to end, read behind the writer.
+
+    It runs beside the transfer, so the image is hashed while it arrives instead
+    of read again afterwards; ``finish()`` reads what remains once the writer
+    is done and returns (md5, bytes hashed). hashlib releases the GIL.
+    """
+
+    POLL = 0.01  # seconds between looks at the file's size while nothing is new
+
+    def __init__(self, fd: int):
+        super().__init__(name="md5-follower", daemon=True)
+        self.fd = fd
+        self._done = threading.Event()
+        self._digest = hashlib.md5(usedforsecurity=False)
+        self._offset = 0
+        self._error = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                finished = self._done.is_set()
+                end = os.fstat(self.fd).st_size
+                while self._offset < end:
+                    chunk = os.pread(self.fd, min(_CHUNK, end - self._offset), self._offset)
+                    if not chunk:
+                        break
+                    self._digest.update(chunk)
+                    self._offset += len(chunk)
+                if finished:
+                    return
+                self._done.wait(self.POLL)
+        except OSError as exc:  # reported by finish(); install re-reads the file
+            self._error = exc
+
+    def finish(self):
+        self._done.set()
+        self.join()
+        if self._error is not None:
+            return None, -1
+        return self._digest.hexdigest(), self._offset
 
 
 def md5_of_fd(fd: int) -> str:

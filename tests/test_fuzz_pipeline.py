@@ -337,9 +337,8 @@ class Peers:
     """Stands in for ``subprocess.Popen``: records each command and plays the peer it names.
 
     A peer that ``serves`` writes the image it holds into the destination, as rsync does
-    (bytes, then the source's mode) and reports the md5 of what it wrote (``%C``); ``wrong
-    bytes`` writes as many bytes of something else; ``fails`` exits 23 like rsync on a file
-    the sender does not have.
+    (bytes, then the source's mode); ``wrong bytes`` writes as many bytes of something
+    else; ``fails`` exits 23 like rsync on a file the sender does not have.
     """
 
     def __init__(self):

@@ -6,7 +6,7 @@ import pytest
 
 from glance_image_sync.config import TransferSettings
 from glance_image_sync.events import Rejected
-from glance_image_sync.transfer import _first_line, parse_report, rsync_argv, subprocess_env
+from glance_image_sync.transfer import _first_line, rsync_argv, subprocess_env
 
 SETTINGS = TransferSettings(user="glance", ssh_config_file="/etc/glance/ssh_config",
                             connect_timeout=10, io_timeout=120, total_timeout=3600,
@@ -36,11 +36,10 @@ def test_bandwidth_limit_is_passed_when_set():
     assert "--bwlimit=5000" in rsync_argv(settings, "node1", IMAGE, "/tmp/x")
 
 
-def test_the_report_line_gives_the_md5_rsync_computed():
-    out = "9b8f6225e89197b8d67aafd6f91ce7bf 4194304\n"
-    assert parse_report(out) == "9b8f6225e89197b8d67aafd6f91ce7bf"
-    assert parse_report("") is None
-    assert parse_report(" 0\n") is None
+def test_md5_is_not_asked_of_rsync_so_the_sender_does_not_hash_the_image_for_each_peer():
+    argv = rsync_argv(SETTINGS, "node1", IMAGE, "/tmp/x")
+    assert not any(arg.startswith(("--checksum-choice", "--cc", "--checksum", "-c"))
+                   for arg in argv[:argv.index("--")])
 
 
 def test_subprocesses_get_a_minimal_environment(monkeypatch):
