@@ -339,9 +339,10 @@ def duplicate_events(count=1000, size=64 * MiB) -> Result:
             {"drained_seconds": drained, "full_reads": reads})
 
 
-def backlog(images=50, size=64 * MiB) -> Result:
+def backlog(images=50, size=64 * MiB, control_persist=0) -> Result:
     """A node down while images are uploaded, then started: catching up vs plain rsync."""
-    with LocalCluster() as cluster:
+    config = {"ssh_control_persist": control_persist} if control_persist else {}
+    with LocalCluster(extra_config=config) as cluster:
         node3 = cluster["node3"]
         for node in cluster.nodes[:2]:
             node.start_daemon()
@@ -365,8 +366,11 @@ def backlog(images=50, size=64 * MiB) -> Result:
                  interval=0.02, what="node3 to catch up")
         mine = time.monotonic() - started
         ratio = mine / floor
+        how = (f", ssh_control_persist = {control_persist}" if control_persist
+               else ", default settings")
         return Result(
-            "backlog", f"catching up {images} x {size // MiB} MiB after a restart",
+            "backlog" + ("_reused_ssh" if control_persist else ""),
+            f"catching up {images} x {size // MiB} MiB after a restart{how}",
             f"{mine:.2f} s ({ratio:.2f}x the floor)", "<= 1.2x the floor",
             f"floor: one plain rsync of the same files, {floor:.2f} s", ratio <= 1.2,
             {"seconds": mine, "floor_seconds": floor, "ratio": ratio})
@@ -380,6 +384,7 @@ ALL = {
     "fanout_throughput": fanout_throughput,
     "duplicate_events": duplicate_events,
     "backlog": backlog,
+    "backlog_reused_ssh": lambda **kw: backlog(control_persist=60, **kw),
 }
 QUICK = {
     "detection_latency": dict(events=30),
@@ -389,4 +394,5 @@ QUICK = {
     "fanout_throughput": dict(count=3000, naive_count=500),
     "duplicate_events": dict(count=300, size=8 * MiB),
     "backlog": dict(images=10, size=8 * MiB),
+    "backlog_reused_ssh": dict(images=10, size=8 * MiB),
 }

@@ -63,6 +63,8 @@ class TransferSettings:
     total_timeout: int
     bwlimit: int
     remote_datadir: str
+    control_dir: str | None = None  # where ssh's connection sockets live, if reused
+    control_persist: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Settings:
                 total_timeout=conf.transfer_timeout,
                 bwlimit=conf.rsync_bwlimit,
                 remote_datadir=datadir,
+                **_control(conf.ssh_control_persist, conf.state_dir),
             ),
             max_parallel=conf.max_parallel_transfers,
             max_attempts=conf.max_attempts,
@@ -203,6 +206,15 @@ def _textfile(value: str | None) -> str | None:
         raise ConfigError(f"metrics_textfile {value}: directory "
                           f"{os.path.dirname(path)} does not exist")
     return path
+
+
+def _control(persist: int, state_dir: str) -> dict:
+    if not persist:
+        return {}
+    if not _SAFE_PATH_RE.fullmatch(state_dir):
+        raise ConfigError(f"ssh_control_persist needs a state_dir without spaces or quotes "
+                          f"(got {state_dir!r}): ssh's sockets live there")
+    return {"control_dir": os.path.normpath(state_dir), "control_persist": persist}
 
 
 def _file_mode(value: str | None) -> int | None:

@@ -137,6 +137,15 @@ transfer_opts = [
         help="Seconds ssh waits to connect to a peer.",
     ),
     cfg.IntOpt(
+        "ssh_control_persist",
+        default=0,
+        min=0,
+        help="Seconds to keep one ssh connection per peer open after its last "
+        "transfer (ssh ControlMaster/ControlPersist, sockets in state_dir), so "
+        "that each image does not cost a new ssh handshake: it matters when a "
+        "node catches up on many images. 0 opens a connection per transfer.",
+    ),
+    cfg.IntOpt(
         "rsync_timeout",
         default=120,
         min=5,

@@ -67,6 +67,14 @@ class TransferCancelled(TransferFailed):
 def ssh_command(settings) -> str:
     """rsync's ``-e``: ssh in batch mode, with our timeout and configuration."""
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={settings.connect_timeout}"]
+    if settings.control_dir:
+        # One connection per peer, kept for control_persist seconds after its
+        # last transfer: no handshake (and no sshd start) per image. A peer that
+        # dies is noticed by its keepalives within 15 s.
+        ssh += ["-o", "ControlMaster=auto",
+                "-o", f"ControlPath={settings.control_dir}/ssh-%C",
+                "-o", f"ControlPersist={settings.control_persist}",
+                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     if settings.ssh_config_file:
         ssh += ["-F", settings.ssh_config_file]
     return " ".join(ssh)

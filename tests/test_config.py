@@ -44,6 +44,8 @@ def test_legacy_configuration_still_works(tmp_path):
     ("api_nodes = node1\nhost = node1\nheartbeat = 2\n", "heartbeat"),
     ("api_nodes = node1\nhost = node1\ntransport_url = redis://x/\n", "rabbit://"),
     ("api_nodes = node1\nhost = node1\nqueue_type = stream\n", "queue_type"),
+    ("api_nodes = node1\nhost = node1\nssh_control_persist = 60\nstate_dir = /a b\n",
+     "ssh_control_persist needs a state_dir without spaces"),
 ])
 def test_bad_values_are_refused_at_start_up_with_a_reason(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -62,3 +62,14 @@ def test_a_changed_host_key_is_named_in_the_error_not_hidden_behind_its_frame():
     assert _first_line("\n  \n") == "no message"
     assert _first_line('rsync: link_stat "/x" failed: No such file or directory (2)\n') == \
         'rsync: link_stat "/x" failed: No such file or directory (2)'
+
+
+def test_reused_ssh_connections_live_in_the_state_dir_and_watch_their_peer():
+    settings = TransferSettings(**{**SETTINGS.__dict__, "control_dir": "/var/lib/gis",
+                                   "control_persist": 60})
+    ssh = rsync_argv(settings, "node1", IMAGE, "/tmp/x")
+    ssh = ssh[ssh.index("-e") + 1].split()
+    for option in ["ControlMaster=auto", "ControlPath=/var/lib/gis/ssh-%C",
+                   "ControlPersist=60", "ServerAliveInterval=5"]:
+        assert option in ssh, option
+    assert "ControlMaster=auto" not in rsync_argv(SETTINGS, "node1", IMAGE, "/tmp/x")[8]

@@ -137,7 +137,7 @@ class Node:
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password",
-            "LogLevel ERROR",
+            "LogLevel INFO",  # "Accepted publickey" lines: tests count logins
             "",
         ]))
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
