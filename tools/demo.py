@@ -59,6 +59,9 @@ def main() -> int:
             return 1
         say("every node holds a byte-identical copy with the source's mode and the store's "
             "owner")
+        say("what an operator sees on node3: glance-image-sync status")
+        for line in cluster["node3"].run("status").stdout.splitlines():
+            say("  " + line)
 
         say("glance-api on node2 deletes the image (its own file) and notifies image.delete")
         cluster["node2"].path(image_id).unlink()
