@@ -23,7 +23,10 @@ For operators:
 ``reconcile [--fix] [--prune]``
     this node's store against its peers' (missing here, here only, size
     mismatch); ``--fix`` fetches what is missing, verified; ``--prune`` removes
-    what no peer has; exits 1 when differences remain.
+    what no peer has; exits 1 when differences remain;
+``failed list [--dead-letter] [--format json]``, ``failed replay [IMAGE_ID ...]``
+    the events that ran out of attempts (or the rejected messages): look at
+    them, put them back.
 
 Exit status: 0 when everything was applied, 1 when something failed or was
 rejected (it is logged, and retried or kept where an operator finds it),
@@ -59,9 +62,9 @@ def _add_commands(subparsers):
     subparsers.add_parser("sync-images",
                           help="apply this node's queued events to its image store, then exit")
     subparsers.add_parser("both", help="duplicate-notifications, then sync-images")
-    failed = subparsers.add_parser(
+    failed_parser = subparsers.add_parser(
         "failed", help="events that ran out of attempts: list them, replay them")
-    actions = failed.add_subparsers(dest="action", required=True)
+    actions = failed_parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="show this node's failed events")
     listing.add_argument("--dead-letter", action="store_true",
                          help="show the messages rejected as malformed or hostile instead")
