@@ -3,6 +3,7 @@
     make bench                     # everything, full size (about 6 minutes, root)
     python -m bench.run --quick    # small sizes, to try the harness
     python -m bench.run --only detection_latency fanout_throughput
+    python -m bench.run --only idle_cost --merge  # one row again, the others kept
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def machine() -> dict:
     }
 
 
+def settle(below=0.5, longest=90.0) -> None:
+    """Wait (a while at most) for the previous scenario's load to fade."""
+    deadline = time.monotonic() + longest
+    while os.getloadavg()[0] > below and time.monotonic() < deadline:
+        time.sleep(2)
+
+
 def markdown(results, info, started) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} on "
@@ -54,6 +62,8 @@ def markdown(results, info, started) -> str:
         f"RabbitMQ {info['rabbitmq']}, {info['rsync']} (all three nodes and the broker on "
         "this one machine).",
         "",
+        *([f"Rows re-measured later: {', '.join(info['remeasured'])}.", ""]
+          if info.get("remeasured") else []),
         "| what | measured | target | floor / baseline | |",
         "|---|---|---|---|---|",
     ]
@@ -68,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, a quick try")
     parser.add_argument("--only", nargs="+", choices=sorted(scenarios.ALL), default=None)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other rows of the last full run (with --only)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("the benchmarks run a local cluster: run as root")
@@ -75,15 +87,23 @@ def main(argv=None) -> int:
     started = time.time()
     results = []
     for name in args.only or list(scenarios.ALL):
-        print(f"[bench] {name} ...", flush=True)
+        settle()
+        print(f"[bench] {name} (load {os.getloadavg()[0]:.2f}) ...", flush=True)
         result = scenarios.ALL[name](**(scenarios.QUICK[name] if args.quick else {}))
         print(f"[bench]   {result.measured}  (target {result.target}; {result.comparison})",
               flush=True)
         results.append(result)
+    stem = "quick" if args.quick else "latest"
+    if args.merge and (args.out / f"{stem}.json").exists():
+        earlier = json.loads((args.out / f"{stem}.json").read_text())
+        fresh = {result.name: result for result in results}
+        results = [fresh.pop(row["name"], None) or scenarios.Result(**row)
+                   for row in earlier["results"]] + list(fresh.values())
+        info["merged_into_run_of"] = earlier["started"]
+        info["remeasured"] = sorted(set(args.only or []))
     table = markdown(results, info, started)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "quick" if args.quick else "latest"
     (args.out / f"{stem}.md").write_text(table)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "started": started, "quick": args.quick,
