@@ -22,4 +22,4 @@ sample-config:
 	PYTHON=.venv/bin/python tools/generate-sample-config
 
 bench: deps
-	.venv/bin/python -m bench.run
+	.venv/bin/python -m bench.run --readme

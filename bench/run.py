@@ -73,11 +73,52 @@ def markdown(results, info, started) -> str:
     return "\n".join(lines) + "\n"
 
 
+README = RESULTS.parent.parent / "README.rst"
+BEGIN, END = ".. bench table: begin", ".. bench table: end"
+
+
+def rst_table(results, info, started) -> str:
+    """The table as an RST list-table, for the README."""
+    def cell(text):
+        return text.replace("*", "\\*")
+
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d', time.localtime(started))} on {info['cpu']}, "
+        f"{info['memory']}, Linux {info['kernel']}, Python {info['python']}, RabbitMQ "
+        f"{info['rabbitmq']}, {' '.join(info['rsync'].split())}, all three nodes and the "
+        "broker on this one machine.",
+        "",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+        "   * - what",
+        "     - measured",
+        "     - target",
+        "     - floor / baseline",
+        "     - ",
+    ]
+    for result in results:
+        lines += [f"   * - {cell(result.what)}", f"     - {cell(result.measured)}",
+                  f"     - {cell(result.target)}", f"     - {cell(result.comparison)}",
+                  f"     - {'met' if result.ok else '**missed**'}"]
+    return "\n".join(lines)
+
+
+def update_readme(results, info, started) -> None:
+    text = README.read_text()
+    head, _, rest = text.partition(BEGIN + "\n")
+    _, _, tail = rest.partition(END + "\n")
+    README.write_text(f"{head}{BEGIN}\n\n{rst_table(results, info, started)}\n\n{END}\n"
+                      f"{tail}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a quick try")
     parser.add_argument("--only", nargs="+", choices=sorted(scenarios.ALL), default=None)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--readme", action="store_true",
+                        help="also put the table in README.rst")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other rows of the last full run (with --only)")
     args = parser.parse_args(argv)
@@ -105,6 +146,8 @@ def main(argv=None) -> int:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(table)
+    if args.readme:
+        update_readme(results, info, started)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "started": started, "quick": args.quick,
          "results": [asdict(result) for result in results]}, indent=2))
