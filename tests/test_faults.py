@@ -62,12 +62,13 @@ def test_a_broker_restart_during_a_burst_of_50_uploads_loses_nothing(cluster):
             cluster.upload(image_id, md5, size)
             published.append(image_id)
 
+    cluster.notifier("node1")  # on this thread, see LocalCluster.notifier
     publisher = threading.Thread(target=publish_all)
     publisher.start()
     wait_for(lambda: len(published) >= 15, 60, what="the burst to be under way")
     restart_broker()
     publisher.join(180)
-    assert len(published) == 50
+    assert not publisher.is_alive() and len(published) == 50
     assert_converges(cluster, md5s(images), timeout=180)
     for node in cluster.nodes:
         assert node.daemon.poll() is None

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -360,8 +361,18 @@ class LocalCluster:
         return image_id, md5_of(path), path.stat().st_size
 
     def notifier(self, publisher="node1"):
-        """oslo.messaging's Notifier, set up the way Glance sets up its own."""
+        """oslo.messaging's Notifier, set up the way Glance sets up its own.
+
+        Create it on the main thread (call this before starting a thread that
+        publishes): a thread that set up oslo.messaging's transport is never
+        reported as ended here (its tstate lock is never released, seen with
+        oslo.messaging 18.3 and eventlet 0.41), so joining it waits for ever,
+        and so does the interpreter's exit.
+        """
         if publisher not in self._notifiers:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("create the notifier on the main thread first: "
+                                   f"cluster.notifier({publisher!r})")
             import warnings
 
             from oslo_config import cfg
