@@ -35,6 +35,7 @@ daemon. prometheus_client writes it to a temporary name and renames it.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from contextlib import contextmanager
@@ -87,9 +88,17 @@ class Metrics:
             self.events_received.labels(action)
         for result in ("ok", "failed"):
             self.events_applied.labels(result)
+        self._broker = None
         if settings is not None:
-            self.registry.register(_BrokerCollector(settings))
+            self._broker = _BrokerCollector(settings)
+            self.registry.register(self._broker)
             self.registry.register(_NodeStateCollector(settings.store.state_dir))
+
+    def set_nodes(self, nodes) -> None:
+        """Report the queues of ``nodes`` from the next collection on (SIGHUP)."""
+        if self._broker is not None:
+            # One assignment: a scrape on the HTTP thread sees the old or the new.
+            self._broker.settings = dataclasses.replace(self._broker.settings, nodes=nodes)
 
     @contextmanager
     def transfer(self, peer: str, size: int):

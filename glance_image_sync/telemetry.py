@@ -45,6 +45,9 @@ class Telemetry:
         LOG.warning("cannot record the outcome for image %s in %s: %s", event.image_id,
                     self.node_state.state_dir, failure)
 
+    def set_nodes(self, nodes) -> None:
+        self.metrics.set_nodes(nodes)
+
     def transfer(self, peer: str, size: int):
         """A context manager around one fetch from ``peer``."""
         return self.metrics.transfer(peer, size)

@@ -73,6 +73,7 @@ class SyncWorker(QueueConsumer):
     def set_nodes(self, nodes) -> None:
         super().set_nodes(nodes)
         self.image_sync.nodes = nodes
+        self.telemetry.set_nodes(nodes)
 
     def connection_lost(self) -> None:
         super().connection_lost()

@@ -15,6 +15,7 @@ from oslo_config import cfg
 
 from glance_image_sync import cli, service, topology
 from glance_image_sync.supervisor import Supervisor
+from tests.test_operator_cluster import free_port, queue_messages, scrape_until
 from tools.localcluster import rabbitmqctl, restart_broker, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -196,6 +197,8 @@ def test_sigterm_during_a_transfer_abandons_it_cleanly_and_it_completes_later(cl
 
 def test_sighup_reloads_api_nodes_and_the_log_level(cluster):
     node1 = cluster["node1"]
+    port = free_port()
+    node1.write_config({"metrics_listen_port": port})
     config = node1.config.read_text()
     node1.config.write_text(config.replace("api_nodes = node1,node2,node3",
                                            "api_nodes = node1,node2"))
@@ -213,6 +216,9 @@ def test_sighup_reloads_api_nodes_and_the_log_level(cluster):
     wait_for(lambda: cluster.queue_depths().get(node3_queue, 0) == 3, 20,
              what="node3's queue to get the upload's events")
     assert " DEBUG " in node1.log_since(mark)
+    # The metrics follow the reload: node3's queue is reported with its events.
+    scrape_until(port, lambda got: got.get(queue_messages(node3_queue)) == 3,
+                 "node3's queue in the metrics")
     assert node1.daemon.poll() is None
 
 
