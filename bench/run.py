@@ -23,6 +23,19 @@ from bench import scenarios
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def disk_write_mb_per_s(size=512 * 1024 * 1024) -> float:
+    """Sequential write, fsynced, where the clusters keep their stores (the temp dir)."""
+    import tempfile
+    block = os.urandom(8 * 1024 * 1024)
+    with tempfile.TemporaryFile() as f:
+        started = time.monotonic()
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        return size / (time.monotonic() - started) / 1e6
+
+
 def machine() -> dict:
     def first_line(argv):
         try:
@@ -44,6 +57,7 @@ def machine() -> dict:
         "kernel": platform.release(), "python": platform.python_version(),
         "rabbitmq": broker or "unknown", "rsync": first_line(["rsync", "--version"]),
         "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+        "disk": f"disk {disk_write_mb_per_s():.0f} MB/s (sequential, fsynced)",
         "load_before": os.getloadavg()[0],
     }
 
@@ -58,7 +72,8 @@ def settle(below=0.5, longest=90.0) -> None:
 def markdown(results, info, started) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} on "
-        f"{info['cpu']}, {info['memory']}, Linux {info['kernel']}, Python {info['python']}, "
+        f"{info['cpu']}, {info['memory']}, {info.get('disk', 'disk not measured')}, Linux "
+        f"{info['kernel']}, Python {info['python']}, "
         f"RabbitMQ {info['rabbitmq']}, {info['rsync']} (all three nodes and the broker on "
         "this one machine).",
         "",
@@ -84,7 +99,8 @@ def rst_table(results, info, started) -> str:
 
     lines = [
         f"Measured {time.strftime('%Y-%m-%d', time.localtime(started))} on {info['cpu']}, "
-        f"{info['memory']}, Linux {info['kernel']}, Python {info['python']}, RabbitMQ "
+        f"{info['memory']}, {info.get('disk', 'disk not measured')}, Linux {info['kernel']}, "
+        f"Python {info['python']}, RabbitMQ "
         f"{info['rabbitmq']}, {' '.join(info['rsync'].split())}, all three nodes and the "
         "broker on this one machine.",
         "",

@@ -96,7 +96,7 @@ class ImageStore:
             cached = self._verified.get(key)
         if cached is not None:
             return cached
-        digest = md5_of_fd(fd)
+        digest = md5_of_fd_yielding(fd)
         self._remember(key, digest)
         return digest
 
@@ -298,3 +298,35 @@ def md5_of_fd(fd: int) -> str:
             return digest.hexdigest()
         digest.update(chunk)
         offset += len(chunk)
+
+
+# The nice value of a check of a copy already in place.
+CHECK_NICENESS = 19
+
+
+def md5_of_fd_yielding(fd: int) -> str:
+    """md5_of_fd at the lowest CPU priority, on a thread of its own.
+
+    A copy already in place is checked once, and nothing waits on that but its
+    own event; on the node that published the image, the check would otherwise
+    take CPU from the transfers its peers are pulling from it. A thread of its
+    own because an unprivileged thread can raise its nice value, never lower it.
+    """
+    result = {}
+
+    def check():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
+        except OSError:
+            pass  # only slower to yield
+        try:
+            result["md5"] = md5_of_fd(fd)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=check, name="md5-check", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["md5"]

@@ -2,7 +2,9 @@
 
 import hashlib
 import os
+import pathlib
 import stat
+import threading
 
 import pytest
 
@@ -192,3 +194,28 @@ def test_temporaries_of_a_killed_run_are_found_and_removed(store):
     open(glance_own, "wb").close()
     assert store.remove_temporaries() == [os.path.basename(leftover)]
     assert _entries(store) == [".not-ours"]
+
+
+def test_a_copy_in_place_is_checked_at_the_lowest_cpu_priority(store, monkeypatch):
+    (pathlib.Path(store.datadir) / IMAGE).write_bytes(DATA)
+    seen = []
+    real = store_module.md5_of_fd
+
+    def watched(fd):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(fd)
+
+    monkeypatch.setattr(store_module, "md5_of_fd", watched)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert store.verify(IMAGE, len(DATA), MD5)
+    assert seen == [store_module.CHECK_NICENESS]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
+def test_a_failing_check_raises_on_the_callers_thread(monkeypatch):
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "md5_of_fd", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        store_module.md5_of_fd_yielding(0)
