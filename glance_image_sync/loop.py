@@ -182,6 +182,7 @@ class ConnectionLoop:
                 deadline = min(deadline, quiet_since + ONCE_QUIET_SECONDS)
             readable, _, _ = select.select([sock, self._wake_r], [], [], max(0.0, deadline - now))
             self.last_progress = time.monotonic()
+            _cork(sock, True)
             if sock in readable or _has_buffered_data(sock):
                 self._drain(connection, sock)
                 quiet_since = time.monotonic()
@@ -196,6 +197,7 @@ class ConnectionLoop:
             if deadline is not None and now >= deadline:
                 self.component.on_timer()
             self.component.flush()
+            _cork(sock, False)
             if self.once and now - quiet_since >= ONCE_QUIET_SECONDS:
                 if self.component.is_drained():
                     return True
@@ -234,6 +236,18 @@ class ConnectionLoop:
     def close(self) -> None:
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _cork(sock, corked: bool) -> None:
+    """Hold back partial segments (TCP_CORK) while a turn writes; send them as it ends.
+
+    A turn may publish hundreds of copies and acks, each its own small write;
+    corked, they leave in full segments, and the broker reads them in bulk.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if corked else 0)
+    except OSError:
+        pass  # a socket that has just died: the next read says so
 
 
 def _has_buffered_data(sock) -> bool:
