@@ -104,6 +104,8 @@ def rst_table(results, info, started) -> str:
         f"{info['rabbitmq']}, {' '.join(info['rsync'].split())}, all three nodes and the "
         "broker on this one machine.",
         "",
+        *([f"Rows re-measured later the same day: {', '.join(info['remeasured'])}.", ""]
+          if info.get("remeasured") else []),
         ".. list-table::",
         "   :header-rows: 1",
         "",

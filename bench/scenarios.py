@@ -401,17 +401,17 @@ def backlog(images=50, size=64 * MiB, control_persist=0) -> Result:
         wait_for(lambda: all(cluster["node2"].path(i).exists() for i, _, _ in created), 900,
                  interval=0.1, what="node2 to have every image")
 
-        floors = {}
-        for durable in (False, True):
+        floors = {False: [], True: []}
+        for durable in (False, True, False, True):  # best of two each, interleaved
             scratch = node3.images / "floor"
             scratch.mkdir()
             os.sync()
             started = time.monotonic()
             plain_rsync(cluster, node3, [f"/var/lib/glance/images/{i}" for i, _, _ in created],
                         "/var/lib/glance/images/floor/", durable=durable)
-            floors[durable] = time.monotonic() - started
+            floors[durable].append(time.monotonic() - started)
             subprocess.run(["rm", "-rf", "--", str(scratch)], check=True)
-        floor, durable_floor = floors[False], floors[True]
+        floor, durable_floor = min(floors[False]), min(floors[True])
         os.sync()
 
         started = time.monotonic()
@@ -428,8 +428,9 @@ def backlog(images=50, size=64 * MiB, control_persist=0) -> Result:
             f"catching up {images} x {size // MiB} MiB after a restart{how}",
             f"{mine:.2f} s ({ratio:.2f}x the floor, {mine / durable_floor:.2f}x the durable "
             "floor)", "<= 1.2x the floor",
-            f"floor: one plain rsync of the same files, {floor:.2f} s; durable floor (the "
-            f"same with --fsync) {durable_floor:.2f} s; md5-verified bound here {bound:.2f} s "
+            f"floor: one plain rsync of the same files (best of 2), {floor:.2f} s; durable "
+            f"floor (the same with --fsync) {durable_floor:.2f} s; md5-verified bound here "
+            f"{bound:.2f} s "
             f"({bound / floor:.2f}x)", ratio <= 1.2,
             {"seconds": mine, "floor_seconds": floor, "ratio": ratio,
              "durable_floor_seconds": durable_floor, "durable_ratio": mine / durable_floor,
