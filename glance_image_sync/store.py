@@ -16,7 +16,6 @@ removed, never renamed. The directory is fsynced after every rename and unlink.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -26,7 +25,7 @@ import threading
 
 from oslo_log import log as logging
 
-from glance_image_sync import events
+from glance_image_sync import events, libc
 
 LOG = logging.getLogger(__name__)
 
@@ -223,11 +222,8 @@ def _cache_key(st):
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_uint]
+_sync_file_range = libc.function("sync_file_range", [ctypes.c_int, ctypes.c_int64,
+                                                     ctypes.c_int64, ctypes.c_uint])
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

@@ -20,8 +20,6 @@ whole file is in, so until then the copy keeps the 0600 it was created with.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -29,7 +27,7 @@ import threading
 
 from oslo_log import log as logging
 
-from glance_image_sync import events
+from glance_image_sync import events, libc
 
 LOG = logging.getLogger(__name__)
 
@@ -37,8 +35,7 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 _PR_SET_PDEATHSIG = 1
-_prctl = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True),
-                 "prctl", None)
+_prctl = libc.function("prctl")
 
 
 def _die_with_parent() -> None:

@@ -86,7 +86,7 @@ def test_a_copy_that_fails_verification_is_removed_never_installed(store, data, 
     assert _entries(store) == []
 
 
-def test_bytes_rewritten_behind_the_md5_follower_are_read_again(store):
+def test_bytes_rewritten_behind_the_md5_follower_are_read_again(store, monkeypatch):
     """rsync redoes a file whose checksum failed: the follower saw the first try."""
     def fetch(path):
         with open(path, "r+b") as f:
@@ -106,11 +106,8 @@ def test_bytes_rewritten_behind_the_md5_follower_are_read_again(store):
             super().__init__(fd)
             follower_offsets.append(lambda: self._offset)
 
-    store_module.Md5Follower = Watched
-    try:
-        store.install(IMAGE, len(DATA), MD5, fetch)
-    finally:
-        store_module.Md5Follower = real
+    monkeypatch.setattr(store_module, "Md5Follower", Watched)
+    store.install(IMAGE, len(DATA), MD5, fetch)
     assert store.verify(IMAGE, len(DATA), MD5)
 
 
