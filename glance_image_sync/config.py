@@ -20,6 +20,7 @@ _USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 # rsync splits its -e string on whitespace and honours quotes: a path that
 # needs neither is passed through unchanged.
 _SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9_./+@%=,-]*")
+_CIPHER_RE = re.compile(r"[a-z0-9][a-z0-9@.-]*")
 
 
 class ConfigError(Exception):
@@ -63,6 +64,7 @@ class TransferSettings:
     total_timeout: int
     bwlimit: int
     remote_datadir: str
+    ciphers: str | None = None  # ssh's Ciphers, or None for its own choice
     control_dir: str | None = None  # where ssh's connection sockets live, if reused
     control_persist: int = 0
 
@@ -120,6 +122,7 @@ class Settings:
                 total_timeout=conf.transfer_timeout,
                 bwlimit=conf.rsync_bwlimit,
                 remote_datadir=datadir,
+                ciphers=_ciphers(conf.ssh_ciphers),
                 **_control(conf.ssh_control_persist, conf.state_dir),
             ),
             max_parallel=conf.max_parallel_transfers,
@@ -195,6 +198,13 @@ def _ssh_config(value: str | None) -> str | None:
     return value
 
 
+def _ciphers(names: list) -> str | None:
+    for name in names:
+        if not _CIPHER_RE.fullmatch(name):
+            raise ConfigError(f"ssh_ciphers: {name!r} is not the name of an ssh cipher")
+    return ",".join(names) or None
+
+
 def _textfile(value: str | None) -> str | None:
     if not value:
         return None
@@ -211,10 +221,12 @@ def _textfile(value: str | None) -> str | None:
 def _control(persist: int, state_dir: str) -> dict:
     if not persist:
         return {}
+    state_dir = os.path.normpath(state_dir)
     if not _SAFE_PATH_RE.fullmatch(state_dir):
         raise ConfigError(f"ssh_control_persist needs a state_dir without spaces or quotes "
-                          f"(got {state_dir!r}): ssh's sockets live there")
-    return {"control_dir": os.path.normpath(state_dir), "control_persist": persist}
+                          f"(got {state_dir!r}): ssh's sockets live there; or set "
+                          "ssh_control_persist = 0")
+    return {"control_dir": state_dir, "control_persist": persist}
 
 
 def _file_mode(value: str | None) -> int | None:

@@ -198,7 +198,8 @@ class Reconciler:
         for node in sums:
             try:
                 self.store.install(image_id, size, md5,
-                                   lambda path, node=node: self.rsync.fetch(node, image_id, path))
+                                   lambda path, node=node: self.rsync.fetch(node, image_id, path,
+                                                                           size))
             except (TransferFailed, StoreError) as exc:
                 errors.append(f"{node}: {exc}")
                 continue

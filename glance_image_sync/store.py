@@ -200,10 +200,32 @@ class ImageStore:
         prefix = TEMP_PREFIX + (events.image_id(image_id) + "." if image_id else "")
         removed = []
         for entry in os.scandir(self.dir_fd):
-            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+            if not entry.name.startswith(prefix):
+                continue
+            if entry.is_file(follow_symlinks=False):
                 if self._unlink_quietly(entry.name):
                     removed.append(entry.name)
+            elif image_id is None and entry.is_dir(follow_symlinks=False):
+                if self._remove_staging(entry.name):
+                    removed.append(entry.name)
         return removed
+
+    def _remove_staging(self, name: str) -> bool:
+        """A transfer's staging directory (transfer._staging): links, then itself."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.dir_fd)
+            try:
+                for entry in os.scandir(fd):
+                    os.unlink(entry.name, dir_fd=fd)
+            finally:
+                os.close(fd)
+            os.rmdir(name, dir_fd=self.dir_fd)
+            return True
+        except OSError as exc:
+            LOG.error("cannot remove staging directory %s in %s: %s", name, self.datadir,
+                      exc.strerror)
+            return False
 
     def _unlink_quietly(self, name: str) -> bool:
         try:

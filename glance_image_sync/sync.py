@@ -91,10 +91,12 @@ class ImageSync:
 
     def _fetch(self, node, event):
         """Install the image from ``node``; the exception that stopped it, or None."""
+        def fetch(path):
+            self.rsync.fetch(node, event.image_id, path, event.size)
+
         try:
             with self.telemetry.transfer(node, event.size):
-                self.store.install(event.image_id, event.size, event.checksum,
-                                   lambda path: self.rsync.fetch(node, event.image_id, path))
+                self.store.install(event.image_id, event.size, event.checksum, fetch)
         except (TransferFailed, StoreError) as exc:
             return exc
         return None

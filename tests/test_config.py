@@ -46,6 +46,8 @@ def test_legacy_configuration_still_works(tmp_path):
     ("api_nodes = node1\nhost = node1\nqueue_type = stream\n", "queue_type"),
     ("api_nodes = node1\nhost = node1\nssh_control_persist = 60\nstate_dir = /a b\n",
      "ssh_control_persist needs a state_dir without spaces"),
+    ("api_nodes = node1\nhost = node1\nssh_ciphers = aes128-ctr,x -oProxyCommand=id\n",
+     "not the name of an ssh cipher"),
 ])
 def test_bad_values_are_refused_at_start_up_with_a_reason(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -99,3 +101,21 @@ def test_metrics_are_off_and_on_loopback_by_default(tmp_path):
     _, settings = _prepare(tmp_path, "api_nodes = node1\nhost = node1\n"
                            f"metrics_textfile = {tmp_path}/gis.prom\n")
     assert settings.metrics.textfile == f"{tmp_path}/gis.prom"
+
+
+def test_ssh_reuses_connections_and_prefers_aes_gcm_by_default(tmp_path):
+    _, settings = _prepare(tmp_path, "api_nodes = node1\nhost = node1\n")
+    assert settings.transfer.control_persist == 60
+    assert settings.transfer.control_dir == "/var/lib/glance-image-sync"
+    assert settings.transfer.ciphers.startswith("aes128-gcm@openssh.com,")
+    # Every cipher of OpenSSH's default set stays on offer: any peer still agrees on one.
+    for default in ("chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr",
+                    "aes256-gcm@openssh.com"):
+        assert default in settings.transfer.ciphers.split(",")
+
+
+def test_empty_ssh_ciphers_and_zero_persist_leave_ssh_to_itself(tmp_path):
+    _, settings = _prepare(tmp_path, "api_nodes = node1\nhost = node1\nssh_ciphers =\n"
+                           "ssh_control_persist = 0\n")
+    assert settings.transfer.ciphers is None
+    assert settings.transfer.control_dir is None

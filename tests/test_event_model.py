@@ -68,7 +68,7 @@ class LocalPeer:
         self.path = path
         self.fetches = 0
 
-    def fetch(self, node, image_id, dest):
+    def fetch(self, node, image_id, dest, size=0):
         self.fetches += 1
         source = os.path.join(self.path, image_id)
         if not os.path.exists(source):

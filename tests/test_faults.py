@@ -259,3 +259,31 @@ def test_quorum_queues_when_configured(cluster):
     types = {line.split()[0]: line.split()[1:] for line in out.splitlines()
              if line.startswith(topology.PREFIX)}
     assert types and all(kind == ["quorum", "true"] for kind in types.values()), types
+
+
+def test_a_node_catching_up_shares_sessions_and_one_missing_file_fails_only_its_image(cluster):
+    node1, node3 = cluster["node1"], cluster["node3"]
+    node1.start_daemon()
+    images = new_images(cluster, 12, 2 * MiB)
+    for image_id, (md5, size) in images.items():
+        cluster.upload(image_id, md5, size)
+    lost = sorted(images)[5]
+    wait_for(lambda: cluster.queue_depths()[topology.node_queue_name("node1")] == 0, 60,
+             what="node1 to have seen every event")
+    node1.path(lost).unlink()  # lost on the disk of the only node that had it
+
+    node3.start_daemon()
+    truth = {image_id: md5 for image_id, (md5, _) in images.items() if image_id != lost}
+    assert_converges(cluster, truth, nodes=[node3], timeout=90)
+    log = wait_for(lambda: (text := node3.log.read_text()).count(
+        f"image {lost}: copy from node2 failed") and text, 30, what="the lost image's attempt")
+    sessions = [int(line.split(": ")[-1].split()[0]) for line in log.splitlines()
+                if "rsync from node1: " in line and "images in one session" in line]
+    assert sessions and max(sessions) > 1, "the backlog never shared a session"
+    # rsync's own words about the one file it could not send, for that image alone.
+    assert f'image {lost}: copy from node1 failed: rsync from node1 exited 23: rsync: ' \
+           f'[sender] link_stat "/var/lib/glance/images/{lost}" failed' in log
+    for image_id in truth:
+        assert f"image {image_id}: installed and verified on node3 (from node1)" in log
+        assert f"image {image_id}: copy from" not in log
+    assert not node3.temporaries()

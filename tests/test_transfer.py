@@ -1,12 +1,27 @@
-"""The rsync command line and what is read back from rsync."""
+"""The rsync command line, what is read back from rsync, and sessions shared by images."""
 
+import errno
 import os
+import pathlib
+import threading
+import uuid
 
 import pytest
 
 from glance_image_sync.config import TransferSettings
 from glance_image_sync.events import Rejected
-from glance_image_sync.transfer import _first_line, rsync_argv, subprocess_env
+from glance_image_sync.transfer import (
+    CONTROL_DIR_MAX,
+    SESSIONS_PER_PEER,
+    Rsync,
+    TransferFailed,
+    _Batch,
+    _failure_of,
+    _first_line,
+    rsync_argv,
+    subprocess_env,
+)
+from tools.localcluster import wait_for
 
 SETTINGS = TransferSettings(user="glance", ssh_config_file="/etc/glance/ssh_config",
                             connect_timeout=10, io_timeout=120, total_timeout=3600,
@@ -73,3 +88,114 @@ def test_reused_ssh_connections_live_in_the_state_dir_and_watch_their_peer():
                    "ControlPersist=60", "ServerAliveInterval=5"]:
         assert option in ssh, option
     assert "ControlMaster=auto" not in rsync_argv(SETTINGS, "node1", IMAGE, "/tmp/x")[8]
+
+
+def test_ciphers_are_asked_of_ssh_when_set():
+    settings = TransferSettings(**{**SETTINGS.__dict__,
+                                   "ciphers": "aes128-gcm@openssh.com,aes128-ctr"})
+    ssh = rsync_argv(settings, "node1", IMAGE, "/tmp/x")
+    ssh = ssh[ssh.index("-e") + 1].split()
+    assert ssh[ssh.index("Ciphers=aes128-gcm@openssh.com,aes128-ctr") - 1] == "-o"
+
+
+def test_a_state_dir_too_long_for_ssh_sockets_means_no_reuse_and_a_warning(caplog):
+    fits = "/" + "s" * (CONTROL_DIR_MAX - 1)
+    settings = TransferSettings(**{**SETTINGS.__dict__, "control_dir": fits,
+                                   "control_persist": 60})
+    assert Rsync(settings).settings.control_dir == fits
+    # The longest socket path ssh makes there still fits a Unix socket's 108 bytes.
+    assert len(f"{fits}/ssh-{'c' * 40}.{'r' * 16}") <= 107
+    too_long = TransferSettings(**{**settings.__dict__, "control_dir": fits + "s"})
+    rsync = Rsync(too_long)
+    assert rsync.settings.control_dir is None
+    assert "ControlMaster" not in " ".join(rsync_argv(rsync.settings, "node1", IMAGE, "/tmp/x"))
+    assert "ssh connections are not reused" in caplog.text
+
+
+OTHER = "0c2b4d7e-5f1a-4e8b-9c3d-2a6f8e1b7c40"
+
+
+def test_several_images_from_one_peer_are_operands_of_one_rsync_into_a_directory():
+    argv = rsync_argv(SETTINGS, "node1", [IMAGE, OTHER], "/var/lib/glance/images/.staging/")
+    assert argv[-4:] == ["--", f"glance@node1:/var/lib/glance/images/{IMAGE}",
+                         f"glance@node1:/var/lib/glance/images/{OTHER}",
+                         "/var/lib/glance/images/.staging/"]
+    with pytest.raises(Rejected):
+        rsync_argv(SETTINGS, "node1", [IMAGE, "../x"], "/tmp/x/")
+
+
+def _session_failed(returncode, stderr):
+    return TransferFailed(f"rsync from node1 exited {returncode}: ...", what="rsync from node1",
+                          returncode=returncode, stderr=stderr)
+
+
+def test_a_file_rsync_could_not_send_fails_only_its_own_image():
+    failure = _session_failed(23, f'rsync: [sender] link_stat "/var/lib/glance/images/{OTHER}" '
+                                  "failed: No such file or directory (2)\n"
+                                  "rsync error: some files/attrs were not transferred (code 23)\n")
+    assert _failure_of(failure, IMAGE, 2) is None
+    mine = _failure_of(failure, OTHER, 2)
+    assert str(mine) == ("rsync from node1 exited 23: rsync: [sender] link_stat "
+                         f'"/var/lib/glance/images/{OTHER}" failed: No such file or directory (2)')
+
+
+def test_a_session_that_failed_as_a_whole_fails_every_image():
+    failure = _session_failed(255, "ssh: connect to host node1 port 22: Connection refused\n")
+    assert _failure_of(failure, IMAGE, 2) is failure
+    assert _failure_of(failure, OTHER, 2) is failure
+    alone = _session_failed(23, "rsync: [sender] link_stat failed\n")
+    assert _failure_of(alone, IMAGE, 1) is alone
+
+
+def test_images_asked_of_a_busy_peer_travel_together_in_the_next_session(tmp_path,
+                                                                          monkeypatch):
+    rsync = Rsync(SETTINGS)
+    sessions, release = [], threading.Event()
+
+    def session(node, image_ids, dest, images):
+        sessions.append((image_ids, dest))
+        if len(sessions) <= SESSIONS_PER_PEER:
+            assert release.wait(10)
+        else:  # rsync's side: each copy lands in the directory under its image id
+            for image_id in image_ids:
+                (pathlib.Path(dest) / image_id).write_bytes(image_id.encode())
+
+    monkeypatch.setattr(rsync, "_rsync", session)
+    ids = [str(uuid.uuid4()) for _ in range(SESSIONS_PER_PEER + 3)]
+    dests = {image_id: tmp_path / f".glance-image-sync.{image_id}.tmp" for image_id in ids}
+    for dest in dests.values():
+        dest.touch()
+    threads = [threading.Thread(target=rsync.fetch, args=("node1", i, str(dests[i]), 1))
+               for i in ids]
+    for thread in threads[:SESSIONS_PER_PEER]:
+        thread.start()
+    wait_for(lambda: len(sessions) == SESSIONS_PER_PEER, 10)
+    for thread in threads[SESSIONS_PER_PEER:]:
+        thread.start()
+    wait_for(lambda: len(rsync._waiting.get("node1", _Batch("node1")).wanted) == 3, 10)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert [image_ids for image_ids, _ in sessions] == ids[:SESSIONS_PER_PEER] + \
+        [ids[SESSIONS_PER_PEER:]]
+    for image_id in ids[SESSIONS_PER_PEER:]:  # written through the links, into the files
+        assert dests[image_id].read_bytes() == image_id.encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(d.name for d in dests.values())
+
+
+def test_without_hard_links_each_image_of_a_batch_gets_a_session_of_its_own(tmp_path,
+                                                                           monkeypatch):
+    rsync = Rsync(SETTINGS)
+    sessions = []
+    monkeypatch.setattr(rsync, "_rsync", lambda node, ids, dest, images: sessions.append(ids))
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    batch = _Batch("node1")
+    batch.wanted = {IMAGE: str(tmp_path / "a"), OTHER: str(tmp_path / "b")}
+    rsync._run(batch)
+    assert sessions == [IMAGE, OTHER]
+    assert batch.failures == {}
+    assert list(tmp_path.iterdir()) == []  # no staging directory left

@@ -160,7 +160,17 @@ class Node:
         return False
 
     def stop_sshd(self):
-        _terminate(self.sshd)
+        """The node's ssh is down: its listener, and every connection it serves.
+
+        Each connection is a child process of the listener, in a session of its own,
+        that would outlive it; peers that reuse connections would go on being served.
+        """
+        if self.sshd is not None:
+            sessions = _descendants(self.sshd.pid)
+            _terminate(self.sshd)
+            for pid in sessions:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.sshd = None
 
     def host_key_line(self) -> str:
@@ -438,6 +448,17 @@ class LocalCluster:
 def _glance_payload() -> dict:
     message = json.loads(json.loads(FIXTURE.read_text())["body"])
     return json.loads(message["oslo.message"])["payload"]
+
+
+def _descendants(pid) -> list:
+    """Every process below ``pid``, children first."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                for child in (task / "children").read_text().split():
+                    found += [int(child), *_descendants(int(child))]
+    return found
 
 
 def _terminate(proc, timeout=10):
