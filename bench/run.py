@@ -1,6 +1,6 @@
 """Run the benchmarks; write bench/results/latest.json and latest.md.
 
-    make bench                     # everything, full size (about 6 minutes, root)
+    make bench                     # everything, full size (about 20 minutes, root)
     python -m bench.run --quick    # small sizes, to try the harness
     python -m bench.run --only detection_latency fanout_throughput
     python -m bench.run --only idle_cost --merge  # one row again, the others kept
