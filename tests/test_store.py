@@ -193,6 +193,18 @@ def test_temporaries_of_a_killed_run_are_found_and_removed(store):
     assert _entries(store) == [".not-ours"]
 
 
+def test_a_staging_directory_left_by_a_killed_run_goes_at_start_up_only(store):
+    temp = pathlib.Path(store.datadir) / f"{TEMP_PREFIX}{IMAGE}.0123abcd"
+    temp.write_bytes(DATA)
+    staging = pathlib.Path(store.datadir) / f"{TEMP_PREFIX}batch.89abcdef"
+    staging.mkdir()
+    os.link(temp, staging / IMAGE)  # as transfer links a batch's copies
+    assert store.remove_temporaries(IMAGE) == [temp.name]  # after a delete: its files
+    assert staging.exists()
+    assert store.remove_temporaries() == [staging.name]  # at start-up: everything
+    assert _entries(store) == []
+
+
 def test_a_copy_in_place_is_checked_at_the_lowest_cpu_priority(store, monkeypatch):
     (pathlib.Path(store.datadir) / IMAGE).write_bytes(DATA)
     seen = []
