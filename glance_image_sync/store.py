@@ -211,7 +211,7 @@ class ImageStore:
         return removed
 
     def _remove_staging(self, name: str) -> bool:
-        """A transfer's staging directory (transfer._staging): links, then itself."""
+        """A transfer's staging directory (transfer._make_staging): links, then itself."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=self.dir_fd)

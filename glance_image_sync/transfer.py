@@ -229,7 +229,7 @@ class Rsync:
 
     def fetch(self, node: str, image_id: str, dest: str, size: int = 0) -> None:
         """Copy the image from ``node`` into the existing file ``dest``."""
-        events.image_id(image_id)
+        events.image_id(image_id)  # here, so that a bad id fails alone, not its batch
         with self._lock:
             batch = self._waiting.get(node)
             leader = batch is None or not batch.takes(size)
@@ -352,8 +352,7 @@ def _failure_of(failure: TransferFailed, image_id: str, images: int) -> Transfer
     23 or 24: an image it names failed, the others came (and are verified like
     any copy). Any other failure, such as no connection, is every image's.
     """
-    if images == 1 or failure.returncode not in _PARTIAL or isinstance(
-            failure, TransferCancelled):
+    if images == 1 or failure.returncode not in _PARTIAL:  # a cancelled one has none
         return failure
     named = [line for line in failure.stderr.splitlines() if image_id in line]
     if named:
