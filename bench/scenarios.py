@@ -106,30 +106,28 @@ OUR_CIPHERS = ",".join(next(opt.default for opt in opts.transfer_opts
 # installs is (the plain floor leaves it in the page cache, for the kernel to
 # write later); and the same as the first, over ssh with the ciphers the daemon
 # asks for: what remains between that one and ours is the daemon's own work.
-FLOORS = {
-    "plain": [],
-    "durable": ["--fsync"],
-    "same_ssh": ["-o", f"Ciphers={OUR_CIPHERS}"],
+FLOORS = {  # name: (ssh options, rsync options)
+    "plain": ((), ()),
+    "durable": ((), ("--fsync",)),
+    "same_ssh": (("-o", f"Ciphers={OUR_CIPHERS}"), ()),
 }
 
 
 def plain_rsync(cluster, node, source_paths, dest, floor="plain"):
     """A floor (see FLOORS): rsync of ``source_paths`` from node1 over the cluster's ssh."""
-    ssh = f"ssh -F {cluster.ssh_config}"
-    extra = FLOORS[floor]
-    if extra[:1] == ["-o"]:
-        ssh += " " + " ".join(extra)
-        extra = []
+    ssh_options, rsync_options = FLOORS[floor]
+    ssh = " ".join(["ssh", "-F", str(cluster.ssh_config), *ssh_options])
     remote = [f"root@node1:{path}" for path in source_paths]
-    subprocess.run(node.command(["rsync", "-e", ssh, *extra, "--", *remote, dest]),
+    subprocess.run(node.command(["rsync", "-e", ssh, *rsync_options, "--", *remote, dest]),
                    check=True, stdout=subprocess.DEVNULL)
 
 
-def floor_comparison(mine: float, floors: dict, bound: float) -> str:
-    """The floor column: each floor's time and ours against it, and the md5 bound."""
+def floor_comparison(floor: str, mine: float, floors: dict, bound: float) -> str:
+    """The floor column: what ``floor`` is, each floor's time and ours against it, and
+    the md5 bound."""
     plain = floors["plain"]
-    return (f"floor: {plain:.2f} s; durable floor (--fsync) {floors['durable']:.2f} s, ours "
-            f"{mine / floors['durable']:.2f}x; floor over ssh with our ciphers "
+    return (f"floor: {floor}, {plain:.2f} s; durable floor (--fsync) {floors['durable']:.2f} s, "
+            f"ours {mine / floors['durable']:.2f}x; floor over ssh with our ciphers "
             f"{floors['same_ssh']:.2f} s, ours {mine / floors['same_ssh']:.2f}x; md5-verified "
             f"bound here {bound:.2f} s ({bound / plain:.2f}x the floor)")
 
@@ -281,8 +279,7 @@ def replication_time(size=GiB, rounds=5) -> Result:
             "replication_time", f"replication of {size // MiB} MiB to 2 peers "
             f"(best of {rounds}, alternating with the floors)",
             f"{mine:.2f} s ({ratio:.2f}x the floor)", "<= 1.10x the floor",
-            "floor: plain rsync to both peers in parallel, "
-            + floor_comparison(mine, best, bound).removeprefix("floor: "),
+            floor_comparison("plain rsync to both peers in parallel", mine, best, bound),
             ratio <= 1.10, {**floor_numbers(mine, best, bound), "rounds": ours,
                             **{f"{name}_floor_rounds": times for name, times in floors.items()}})
 
@@ -458,8 +455,8 @@ def backlog(images=50, size=64 * MiB, control_persist=None) -> Result:
             "backlog" + ("" if control_persist is None else f"_persist_{control_persist}"),
             f"catching up {images} x {size // MiB} MiB after a restart{how}",
             f"{mine:.2f} s ({ratio:.2f}x the floor)", "<= 1.2x the floor",
-            "floor: one plain rsync of the same files (best of 2), "
-            + floor_comparison(mine, best, bound).removeprefix("floor: "),
+            floor_comparison("one plain rsync of the same files (best of 2)", mine, best,
+                             bound),
             ratio <= 1.2, floor_numbers(mine, best, bound))
 
 
