@@ -39,11 +39,14 @@ import time
 from oslo_log import log as logging
 
 from glance_image_sync import broker
+from glance_image_sync.framereader import FrameReader
 
 LOG = logging.getLogger(__name__)
 
 # Longest wait for the rest of a frame once the socket was readable.
 FRAME_WAIT = 0.01
+# Frames dispatched before calls, timers and heartbeats get their turn.
+MAX_FRAMES_PER_TURN = 3000
 # A one-shot run gives up on an unreachable broker after this many tries.
 ONCE_CONNECT_ATTEMPTS = 3
 # In once mode, how long the queue must be quiet before asking if it is empty.
@@ -172,6 +175,7 @@ class ConnectionLoop:
     def _serve(self, connection) -> bool:
         """Dispatch frames and calls until stopped; True when done for good."""
         sock = connection.connection.sock
+        reader = FrameReader(connection.connection)
         heartbeat_every = max(1.0, self.broker.heartbeat / 4)
         next_heartbeat = time.monotonic() + heartbeat_every
         quiet_since = time.monotonic()
@@ -180,13 +184,19 @@ class ConnectionLoop:
             deadline = min(next_heartbeat, self.component.next_deadline() or next_heartbeat)
             if self.once:
                 deadline = min(deadline, quiet_since + ONCE_QUIET_SECONDS)
-            readable, _, _ = select.select([sock, self._wake_r], [], [], max(0.0, deadline - now))
+            # Frames already read (a turn stops after MAX_FRAMES_PER_TURN) or
+            # decrypted: the socket may never become readable for them.
+            buffered = reader.frame_buffered() or _has_buffered_data(sock)
+            timeout = 0.0 if buffered or self._calls else max(0.0, deadline - now)
+            readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
             self.last_progress = time.monotonic()
             _cork(sock, True)
-            if sock in readable or _has_buffered_data(sock):
-                self._drain(connection, sock)
+            if self._wake_r in readable:
+                _empty_pipe(self._wake_r)
+            if buffered or sock in readable:
+                self._drain(reader, sock)
                 quiet_since = time.monotonic()
-            if self._calls or self._wake_r in readable:
+            if self._calls:
                 self._run_calls()
                 quiet_since = time.monotonic()
             now = time.monotonic()
@@ -205,37 +215,40 @@ class ConnectionLoop:
         self.component.flush()
         return True
 
-    def _drain(self, connection, sock) -> None:
+    def _drain(self, reader, sock) -> None:
         """Read and dispatch what has arrived, without waiting for more.
 
         py-amqp's drain_events reads until a whole *method* is in, so a lone
         heartbeat frame would make it wait for the next frame (seconds) with
-        calls and timers stalled. A short timeout bounds that; a frame cut
-        short is kept by py-amqp and finished on the next wake-up.
+        calls and timers stalled: frames are read one at a time instead, and
+        a frame cut short is kept by py-amqp and finished on a later turn.
         """
-        for _ in range(1000):
-            try:
-                connection.drain_events(timeout=FRAME_WAIT)
-            except socket.timeout:
-                return
-            self._run_calls()  # what the frames deferred, before reading on
-            if not _has_buffered_data(sock):
+        for _ in range(MAX_FRAMES_PER_TURN):
+            if not (reader.frame_buffered() or _has_buffered_data(sock)):
                 ready, _, _ = select.select([sock], [], [], 0)
                 if not ready:
                     return
+            try:
+                reader.read_frame(timeout=FRAME_WAIT)
+            except socket.timeout:
+                return
+            self._run_calls()  # what the frames deferred, before reading on
 
     def _run_calls(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
         while self._calls:
             self._calls.popleft()()
 
     def close(self) -> None:
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _empty_pipe(fd) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _cork(sock, corked: bool) -> None:
