@@ -149,10 +149,9 @@ class QueueConsumer:
         self.in_flight += 1
         self.acks.delivered(message.delivery_tag)
         delivery = Delivery(message, self.generation)
-        # Handled once this callback has returned, never inside it: py-amqp
-        # reads and dispatches frames within basic_publish (its
-        # connection.blocked check), so publishing from here would nest one
-        # delivery inside the next, without bound, during a burst.
+        # Handled once this callback has returned, never inside it: a handler
+        # publishes, and may raise Reconnect, which must not unwind through
+        # py-amqp's dispatch of a frame with its state half updated.
         self.loop.call_soon(lambda: self._handle(delivery))
 
     def _handle(self, delivery) -> None:
