@@ -9,38 +9,18 @@ import json
 import os
 import stat
 
-import kombu
 import pytest
 
 from glance_image_sync import topology
+from tests.clusterhelpers import (
+    dead_letter_reasons,
+    run_both_everywhere,
+    sshd_logins,
+    store_snapshot,
+)
 from tools.localcluster import STORE_GID, STORE_UID, wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-def run_both_everywhere(cluster):
-    for node in cluster.nodes:
-        result = node.run("both")
-        assert result.returncode == 0, (node.name, result.stdout, result.stderr,
-                                        node.log.read_text()[-3000:])
-
-
-def store_snapshot(cluster):
-    """Every node's store: {node: {name: (size, mode, uid, gid, mtime)}}."""
-    snapshot = {}
-    for node in cluster.nodes:
-        entries = {}
-        for name in node.files():
-            st = os.lstat(node.images / name)
-            entries[name] = (st.st_size, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                             st.st_mtime_ns)
-        snapshot[node.name] = entries
-    return snapshot
-
-
-def sshd_logins(cluster):
-    return sum((node.dir / "sshd.log").read_text().count("Accepted publickey")
-               for node in cluster.nodes)
 
 
 def test_an_upload_reaches_every_node_verified_and_a_delete_removes_it(cluster):
@@ -160,18 +140,6 @@ def test_hostile_notifications_touch_no_file_and_run_no_program(cluster):
                      "publisher 'attacker' is not in api_nodes", "not 32 hex digits",
                      "not JSON", "event: image id '*' is not a UUID"]:
         assert any(expected in reason for reason in reasons), (expected, reasons)
-
-
-def dead_letter_reasons(cluster):
-    reasons = []
-    with kombu.Connection(cluster.kombu_url) as connection:
-        channel = connection.channel()
-        while True:
-            message = channel.basic_get(topology.DEAD_LETTER_QUEUE)
-            if message is None:
-                return reasons
-            reasons.append(message.headers["x-gis-reason"])
-            channel.basic_ack(message.delivery_tag)
 
 
 def test_a_second_run_while_one_holds_the_lock_exits_quietly(cluster):

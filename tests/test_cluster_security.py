@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from glance_image_sync import topology
-from tests.test_cluster_cron import (
+from tests.clusterhelpers import (
     dead_letter_reasons,
     run_both_everywhere,
     sshd_logins,

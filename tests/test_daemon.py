@@ -15,7 +15,7 @@ from oslo_config import cfg
 
 from glance_image_sync import cli, service, topology
 from glance_image_sync.supervisor import Supervisor
-from tests.test_operator_cluster import free_port, queue_messages, scrape_until
+from tests.clusterhelpers import free_port, queue_messages, scrape_until
 from tools.localcluster import rabbitmqctl, restart_broker, wait_for
 
 pytestmark = pytest.mark.cluster

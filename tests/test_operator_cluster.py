@@ -4,51 +4,20 @@ status after real syncs, and reconcile on stores made to differ in every way."""
 import hashlib
 import json
 import os
-import socket
 import time
-import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from glance_image_sync.tombstones import Tombstones
+from tests.clusterhelpers import free_port, parse, queue_messages, scrape, scrape_until
 from tools.localcluster import STORE_GID, STORE_UID, wait_for
 
 pytestmark = pytest.mark.cluster
 
 
-def parse(text) -> dict:
-    """{(sample name, sorted labels): value}, by prometheus_client's own parser."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def scrape(port) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return parse(response.read().decode())
-
-
-def scrape_until(port, predicate, what) -> dict:
-    """The first scrape whose samples satisfy ``predicate``."""
-    def ready():
-        got = scrape(port)
-        return got if predicate(got) else None
-    return wait_for(ready, 60, interval=0.2, what=what)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def transfers(peer, result):
     return ("glance_image_sync_transfers_total", (("peer", peer), ("result", result)))
-
-
-def queue_messages(name):
-    return ("glance_image_sync_queue_messages", (("queue", name),))
 
 
 APPLIED_OK = ("glance_image_sync_events_applied_total", (("result", "ok"),))
