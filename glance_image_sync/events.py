@@ -23,6 +23,8 @@ MAX_SIZE = 2**63 - 1  # off_t
 WIRE_VERSION = 1
 
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
+# What str(uuid.UUID(...)) gives: lower-case hex, hyphenated 8-4-4-4-12.
+_CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Rejected(ValueError):
@@ -149,15 +151,19 @@ def _no_constant(name):
 
 def image_id(value: object) -> str:
     """A canonical (lower-case, hyphenated) UUID: safe as a file name."""
-    if not isinstance(value, str) or len(value) != 36:
-        raise Rejected(f"image id {show(value)} is not a UUID")
-    try:
-        canonical = str(uuid.UUID(value))
-    except ValueError:
-        raise Rejected(f"image id {show(value)} is not a UUID") from None
-    if canonical != value:
+    if isinstance(value, str) and _CANONICAL_UUID_RE.fullmatch(value):
+        return value
+    if isinstance(value, str) and len(value) == 36 and _is_uuid(value):
         raise Rejected(f"image id {show(value)} is not a canonical UUID")
-    return value
+    raise Rejected(f"image id {show(value)} is not a UUID")
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def checksum(value: object) -> str:
