@@ -89,6 +89,7 @@ class ConnectionLoop:
         self.on_change = None  # called (on this loop's thread) when connected changes
         self._thread = None
         self._calls = collections.deque()
+        self._pipe_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -106,10 +107,16 @@ class ConnectionLoop:
             self.wake()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop is already due to wake
+        # Under the lock: once close() has run, the descriptor's number may
+        # belong to another file (an image being written), which must never
+        # get this byte.
+        with self._pipe_lock:
+            if self._wake_w is None:
+                return  # closed: nobody is left to wake
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop is already due to wake
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -239,8 +246,13 @@ class ConnectionLoop:
             self._calls.popleft()()
 
     def close(self) -> None:
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        """Release the wake-up pipe; transfers still running may call call_soon after."""
+        with self._pipe_lock:
+            if self._wake_w is None:
+                return
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = None
 
 
 def _empty_pipe(fd) -> None:
