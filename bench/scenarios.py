@@ -195,6 +195,10 @@ def verified_bound(floor_seconds: float, received_bytes: int) -> float:
     return floor_seconds + received_bytes * md5_seconds_per_byte() / os.cpu_count()
 
 
+def show_size(size: int) -> str:
+    return f"{size // GiB} GiB" if size % GiB == 0 else f"{size // MiB} MiB"
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -312,7 +316,7 @@ def memory_under_load(size=2 * GiB) -> Result:
                  what="the image on node2")
         peak = proc_status(daemon.pid, "VmHWM")
         return Result(
-            "memory_under_load", f"daemon peak RSS while syncing {size // GiB} GiB",
+            "memory_under_load", f"daemon peak RSS while syncing {show_size(size)}",
             f"{peak / MiB:.1f} MiB", "<= 60 MB", "-", peak <= 60e6, {"peak_rss_bytes": peak})
 
 

@@ -1,0 +1,68 @@
+"""The benchmarks still run, and what they report hangs together.
+
+No figure is compared with its target here (that is the benchmark's job, on a
+quiet machine): each scenario runs at a tiny size on a real cluster, and its
+numbers must be there, be measurements, and agree with the verdict and the
+table row built from them.
+"""
+
+import math
+
+import pytest
+
+from bench import run, scenarios
+
+pytestmark = pytest.mark.cluster
+MiB = scenarios.MiB
+
+MACHINE = {"cpu": "a test machine", "memory": "-", "kernel": "-", "python": "-",
+           "rabbitmq": "-", "rsync": "-"}
+TINY = {
+    "detection_latency": dict(events=5),
+    "replication_time": dict(size=16 * MiB, rounds=1),
+    "idle_cost": dict(seconds=2),
+    "memory_under_load": dict(size=32 * MiB),
+    "fanout_throughput": dict(count=500, naive_count=100),
+    "duplicate_events": dict(count=50, size=2 * MiB),
+    "backlog": dict(images=4, size=2 * MiB),
+    "backlog_persist_0": dict(images=4, size=2 * MiB),
+}
+
+
+def test_every_benchmark_has_a_tiny_size_here():
+    assert set(TINY) == set(scenarios.ALL)
+
+
+@pytest.mark.parametrize("name", sorted(scenarios.ALL))
+def test_each_benchmark_runs_and_its_figures_agree_with_its_verdict(name):
+    result = scenarios.ALL[name](**TINY[name])
+
+    assert result.name == name
+    numbers = {key: value for key, value in result.numbers.items()
+               if isinstance(value, (int, float))}
+    assert numbers, result.numbers
+    for key, value in numbers.items():
+        assert math.isfinite(value) and value >= 0, (key, value)
+    verdicts = {
+        "detection_latency": lambda n: n["p50_ms"] <= 20 and n["p99_ms"] <= 100,
+        "replication_time": lambda n: n["ratio"] <= 1.10,
+        "idle_cost": lambda n: n["cpu_percent"] <= 0.2 and n["rss_bytes"] <= 60e6,
+        "memory_under_load": lambda n: 0 < n["peak_rss_bytes"] <= 60e6,
+        "fanout_throughput": lambda n: (n["per_second"] >= 3000
+                                        and n["per_second"] >= 3 * n["naive_per_second"]),
+        "duplicate_events": lambda n: (max(n["full_reads"].values()) <= 1.0
+                                       and n["drained_seconds"] <= 2.0),
+        "backlog": lambda n: n["ratio"] <= 1.2,
+        "backlog_persist_0": lambda n: n["ratio"] <= 1.2,
+    }
+    assert result.ok == verdicts[name](result.numbers)
+    if "floor_seconds" in numbers:  # the rows measured against the floors
+        assert numbers["seconds"] > 0 and numbers["floor_seconds"] > 0
+        assert numbers["ratio"] == pytest.approx(numbers["seconds"] / numbers["floor_seconds"])
+        assert numbers["verified_bound_seconds"] > numbers["floor_seconds"]
+        assert f"{numbers['ratio']:.2f}x the floor" in result.measured
+
+    table = run.markdown([result], MACHINE, 0.0)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {result.what} |"))
+    assert row.endswith("| met |" if result.ok else "| **missed** |")
+    assert result.measured in run.rst_table([result], MACHINE, 0.0)
