@@ -108,10 +108,16 @@ class Node:
                             str(self.images)], check=True)
             self.tmpfs = True
         os.chown(self.images, STORE_UID, STORE_GID)
+        # A node is a fresh host: its ssh sessions (run by root's bash, which
+        # reads ~/.bashrc when sshd starts it) must not run this machine's
+        # shell set-up. pyenv's there takes a lock file; a session killed by
+        # a fault test while holding it made every later session wait 60 s.
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-             f'mount --bind "$1" {DATADIR} && echo ready && exec sleep infinity',
-             "holder", str(self.images)],
+             f'mount --bind "$1" {DATADIR} && '
+             '{ [ ! -f "$2" ] || mount --bind /dev/null "$2"; } && '
+             'echo ready && exec sleep infinity',
+             "holder", str(self.images), str(pathlib.Path("~root/.bashrc").expanduser())],
             stdout=subprocess.PIPE, text=True)
         if self.holder.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{self.name}: could not set up its mount namespace")
