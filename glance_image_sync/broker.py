@@ -27,6 +27,19 @@ def connection(broker) -> Connection:
                       connect_timeout=CONNECT_TIMEOUT, failover_strategy="round-robin")
 
 
+def raw_channel(connection):
+    """A channel whose messages keep their bodies as the bytes that came.
+
+    py-amqp otherwise decodes a body with whatever codec its
+    content_encoding names, which a publisher of hostile messages chooses:
+    some codecs give text that cannot be encoded back, and a message moved
+    to the dead-letter queue would no longer be the message that came.
+    """
+    channel = connection.channel()
+    channel.auto_decode = False
+    return channel
+
+
 def connect(broker) -> Connection:
     """A connected Connection, each broker tried once, without kombu's sleeps."""
     conn = connection(broker)

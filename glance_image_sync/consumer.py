@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from kombu import Consumer
 from oslo_log import log as logging
 
-from glance_image_sync import topology
+from glance_image_sync import broker, topology
 from glance_image_sync.loop import Reconnect
 from glance_image_sync.publisher import ConfirmingPublisher
 
@@ -106,7 +106,7 @@ class QueueConsumer:
         self.loop = loop
         self.generation += 1
         self.in_flight = 0
-        self.channel = connection.channel()
+        self.channel = broker.raw_channel(connection)
         self.acks = AckBatch(self.channel)
         self.queue = self.declare(connection, self.channel).bind(self.channel)
         self.publisher = ConfirmingPublisher(connection)
@@ -192,6 +192,7 @@ class QueueConsumer:
 
         self.publisher.publish(message.body, routing_key, on_done=done, headers=headers,
                                content_type=message.content_type or "application/json",
+                               content_encoding=message.content_encoding,
                                expiration_ms=expiration_ms)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from glance_image_sync import events, topology
+from glance_image_sync import broker, events, topology
 from glance_image_sync.consumer import NODE_HEADER, QUEUE_HEADER, REASON_HEADER
 from glance_image_sync.events import Rejected
 from glance_image_sync.publisher import ConfirmingPublisher
@@ -53,7 +53,7 @@ class Parked:
 
 def browse(connection, queue_name: str, nodes, limit: int = LIST_LIMIT) -> list:
     """Up to ``limit`` messages of a queue, left in place."""
-    channel = connection.channel()
+    channel = broker.raw_channel(connection)
     try:
         found = []
         while len(found) < limit:
@@ -69,7 +69,7 @@ def browse(connection, queue_name: str, nodes, limit: int = LIST_LIMIT) -> list:
 def replay(connection, node: str, nodes, image_ids=None) -> int:
     """Move failed events (all, or those of ``image_ids``) back to the node queue."""
     publisher = ConfirmingPublisher(connection)
-    channel = connection.channel()
+    channel = broker.raw_channel(connection)
     moved = []
     try:
         while True:

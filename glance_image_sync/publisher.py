@@ -54,8 +54,10 @@ class ConfirmingPublisher:
 
     def publish(self, body: bytes, routing_key: str, on_done, exchange: str = "",
                 headers=None, content_type: str = "application/json",
+                content_encoding: str | None = "utf-8",
                 expiration_ms: int | None = None) -> None:
-        properties = {"content_type": content_type, "content_encoding": "utf-8",
+        """Publish ``body`` (bytes) to ``routing_key``; see the module's contract."""
+        properties = {"content_type": content_type, "content_encoding": content_encoding,
                       "delivery_mode": 2}  # persistent
         if headers:
             properties["application_headers"] = dict(headers)

@@ -145,3 +145,38 @@ def test_a_copy_that_cannot_be_routed_leaves_the_notification_for_a_redelivery(v
     for node in NODES:
         assert len(drain(vhost, topology.node_queue_name(node))) >= 1, node
     assert drain(vhost, "glance_notifications.info") == []
+
+
+def test_a_body_in_a_hostile_encoding_is_dead_lettered_as_the_bytes_that_came(vhost, tmp_path):
+    """py-amqp would decode a body with the codec its content_encoding names;
+    raw_unicode_escape gives text that cannot be encoded back, which once
+    stopped the fan-out at that message, every time it was redelivered."""
+    settings = settings_for(vhost, tmp_path)
+    loop = app.fanout_loop(settings, once=True)
+    loop.run()
+    hostile = [("raw_unicode_escape", b"\\ud800 not json"), ("latin-1", b"caf\xe9"),
+               ("utf-16", '{"event_type": "image.upload"}'.encode("utf-16"))]
+    with kombu.Connection(url(vhost)) as connection:
+        channel = connection.channel()
+        for encoding, body in hostile:
+            channel.basic_publish(channel.prepare_message(
+                body, content_type="application/json", content_encoding=encoding),
+                exchange="glance", routing_key="glance_notifications.info")
+    publish(vhost, [body for name, body in notification_files()
+                    if name == "real-glance-33/04-image.upload.json"])
+    loop.run()
+    loop.close()
+
+    assert loop.component.rejected == 3
+    assert loop.component.handled == 4
+    for node in NODES:  # the good notification behind them went through
+        assert len(drain(vhost, topology.node_queue_name(node))) == 1
+    with kombu.Connection(url(vhost)) as connection:
+        channel = connection.channel()
+        channel.auto_decode = False
+        parked = []
+        while (message := channel.basic_get(topology.DEAD_LETTER_QUEUE)) is not None:
+            parked.append((message.properties.get("content_encoding"), message.body))
+            channel.basic_ack(message.delivery_tag)
+    assert parked == hostile
+    assert drain(vhost, "glance_notifications.info") == []
