@@ -155,8 +155,18 @@ class QueueConsumer:
         self.loop.call_soon(lambda: self._handle(delivery))
 
     def _handle(self, delivery) -> None:
-        if delivery.generation == self.generation:  # else its connection is gone
+        if delivery.generation != self.generation:
+            return  # its connection is gone; the broker delivers it again
+        try:
             self.on_delivery(delivery)
+        except (Reconnect, *broker.ERRORS):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one message must not stop every node's sync
+            # A bug met by one message: stopping would only meet it again on the
+            # redelivery after the restart, with every other message stuck behind.
+            LOG.exception("%s: unexpected error while handling a message", self.name)
+            if self.current(delivery):
+                self.dead_letter(delivery, f"internal error: {type(exc).__name__}: {exc}")
 
     def current(self, delivery: Delivery) -> bool:
         """Whether the delivery can still be acked (same connection, not settled)."""

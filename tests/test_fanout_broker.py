@@ -8,7 +8,7 @@ import kombu
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import app, cli, service, topology
+from glance_image_sync import app, cli, notifications, service, topology
 from tests.fixtures import notification_files
 from tests.test_notifications import EXPECTED
 from tools.localcluster import rabbitmqctl, wait_for
@@ -180,3 +180,32 @@ def test_a_body_in_a_hostile_encoding_is_dead_lettered_as_the_bytes_that_came(vh
             channel.basic_ack(message.delivery_tag)
     assert parked == hostile
     assert drain(vhost, "glance_notifications.info") == []
+
+
+def test_a_message_that_meets_a_bug_is_dead_lettered_and_the_rest_go_on(vhost, tmp_path,
+                                                                      monkeypatch):
+    """A daemon that stopped on it would meet it again after every restart."""
+    settings = settings_for(vhost, tmp_path)
+    loop = app.fanout_loop(settings, once=True)
+    loop.run()
+    parse = notifications.parse
+
+    def parse_with_a_bug(body, nodes):
+        if b"sacrificial" in bytes(body):
+            raise KeyError("a bug")
+        return parse(body, nodes)
+
+    monkeypatch.setattr(notifications, "parse", parse_with_a_bug)
+    good = [body for name, body in notification_files()
+            if name == "real-glance-33/04-image.upload.json"]
+    publish(vhost, [b'{"sacrificial": true}'] + good)
+    loop.run()
+    loop.close()
+
+    assert loop.component.handled == 2
+    for node in NODES:
+        assert len(drain(vhost, topology.node_queue_name(node))) == 1
+    assert drain(vhost, topology.DEAD_LETTER_QUEUE) == [
+        (b'{"sacrificial": true}',
+         {"x-gis-reason": "internal error: KeyError: 'a bug'",
+          "x-gis-queue": "glance_notifications.info", "x-gis-node": "node1"})]
