@@ -38,6 +38,14 @@ class FrameReader:
             return False
         return whole_frame_at_start(self._transport._read_buffer)
 
+    def in_hand(self) -> bool:
+        """Whether there is something to read that the socket will not signal:
+        a whole frame already read, or bytes TLS has decrypted and not handed on."""
+        if self.frame_buffered():
+            return True
+        pending = getattr(self.connection.sock, "pending", None)
+        return bool(pending and pending())
+
     def read_frame(self, timeout: float) -> None:
         """Read and dispatch one frame.
 

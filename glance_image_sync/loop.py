@@ -193,7 +193,7 @@ class ConnectionLoop:
                 deadline = min(deadline, quiet_since + ONCE_QUIET_SECONDS)
             # Frames already read (a turn stops after MAX_FRAMES_PER_TURN) or
             # decrypted: the socket may never become readable for them.
-            buffered = reader.frame_buffered() or _has_buffered_data(sock)
+            buffered = reader.in_hand()
             timeout = 0.0 if buffered or self._calls else max(0.0, deadline - now)
             readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
             self.last_progress = time.monotonic()
@@ -231,7 +231,7 @@ class ConnectionLoop:
         a frame cut short is kept by py-amqp and finished on a later turn.
         """
         for _ in range(MAX_FRAMES_PER_TURN):
-            if not (reader.frame_buffered() or _has_buffered_data(sock)):
+            if not reader.in_hand():
                 ready, _, _ = select.select([sock], [], [], 0)
                 if not ready:
                     return
@@ -273,11 +273,6 @@ def _cork(sock, corked: bool) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if corked else 0)
     except OSError:
         pass  # a socket that has just died: the next read says so
-
-
-def _has_buffered_data(sock) -> bool:
-    pending = getattr(sock, "pending", None)  # TLS: bytes decrypted, not yet read
-    return bool(pending and pending())
 
 
 def _close_quietly(connection) -> None:

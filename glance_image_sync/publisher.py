@@ -41,9 +41,8 @@ class ConfirmingPublisher:
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
         self.channel.events["basic_return"].add(self._on_return)
-        amqp_connection = self.channel.connection
-        self._connection = amqp_connection
-        self._encoder = PublishEncoder(self.channel.channel_id, amqp_connection.frame_max)
+        self._connection = self.channel.connection  # py-amqp's: frames are written to it
+        self._encoder = PublishEncoder(self.channel.channel_id, self._connection.frame_max)
         self._tags = itertools.count(1)
         # delivery tag -> _Pending, in publish order (the order of confirms).
         self._pending = OrderedDict()

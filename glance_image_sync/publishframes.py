@@ -38,7 +38,7 @@ class PublishEncoder:
     def encode(self, body: bytes, exchange: str, routing_key: str, properties: dict,
                mandatory: bool = True) -> bytes:
         """The frames of one publish, ready to write to the connection."""
-        if isinstance(body, str):  # py-amqp hands a delivery's body over decoded
+        if isinstance(body, str):  # as py-amqp's own frame writer takes one
             encoding = properties.setdefault("content_encoding", "utf-8")
             body = body.encode(encoding)
         parts = [self._method(exchange, routing_key, mandatory),
