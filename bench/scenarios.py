@@ -21,8 +21,12 @@ from dataclasses import dataclass, field
 import kombu
 from oslo_config import cfg
 
-from glance_image_sync import app, cli, notifications, opts, service, topology
-from glance_image_sync.loop import ONCE_QUIET_SECONDS
+from glance_image_sync import cmd as cli
+from glance_image_sync import opts, service
+from glance_image_sync.broker import topology
+from glance_image_sync.broker.loop import ONCE_QUIET_SECONDS
+from glance_image_sync.fanout import notifications
+from glance_image_sync.sync import session as app
 from tools.localcluster import LocalCluster, wait_for
 
 MiB = 1024 * 1024

@@ -50,10 +50,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from glance_image_sync import nodestate, queuestats
-from glance_image_sync.config import ConfigError
-from glance_image_sync.loop import BrokerUnavailable
-from glance_image_sync.transfer import TransferCancelled
+from glance_image_sync.broker import queues as queuestats
+from glance_image_sync.broker.loop import BrokerUnavailable
+from glance_image_sync.settings import ConfigError
+from glance_image_sync.state import nodestate
+from glance_image_sync.transfer.rsync import TransferCancelled
 
 LOG = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from glance_image_sync import opts
-from glance_image_sync.config import ConfigError, Settings
+from glance_image_sync.settings import ConfigError, Settings
 
 DEFAULT_CONFIG_FILE = "/etc/glance/glance-image-sync.conf"
 PROG = "glance-image-sync"

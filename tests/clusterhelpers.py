@@ -9,7 +9,7 @@ import urllib.request
 import kombu
 from prometheus_client.parser import text_string_to_metric_families
 
-from glance_image_sync import topology
+from glance_image_sync.broker import topology
 from tools.localcluster import wait_for
 
 

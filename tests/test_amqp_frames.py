@@ -10,9 +10,9 @@ from amqp.method_framing import frame_writer
 from amqp.serialization import dumps
 from amqp.transport import TCPTransport
 
-from glance_image_sync.framereader import FrameReader, whole_frame_at_start
-from glance_image_sync.publisher import ConfirmingPublisher
-from glance_image_sync.publishframes import PublishEncoder, encode_properties
+from glance_image_sync.broker.framereader import FrameReader, whole_frame_at_start
+from glance_image_sync.broker.publisher import ConfirmingPublisher
+from glance_image_sync.broker.publishframes import PublishEncoder, encode_properties
 
 FRAME_MAX = 4096
 PERSISTENT_JSON = {"content_type": "application/json", "content_encoding": "utf-8",

@@ -11,7 +11,7 @@ import stat
 
 import pytest
 
-from glance_image_sync import topology
+from glance_image_sync.broker import topology
 from tests.clusterhelpers import (
     dead_letter_reasons,
     run_both_everywhere,
@@ -143,7 +143,7 @@ def test_hostile_notifications_touch_no_file_and_run_no_program(cluster):
 
 
 def test_a_second_run_while_one_holds_the_lock_exits_quietly(cluster):
-    from glance_image_sync.runlock import RunLock
+    from glance_image_sync.state.runlock import RunLock
 
     with RunLock.in_dir(str(cluster["node2"].state)):
         result = cluster["node2"].run("both")

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from glance_image_sync import topology
+from glance_image_sync.broker import topology
 from tests.clusterhelpers import (
     dead_letter_reasons,
     run_both_everywhere,

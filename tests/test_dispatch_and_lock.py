@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from glance_image_sync.dispatch import OrderedDispatcher
-from glance_image_sync.runlock import AlreadyRunning, RunLock
+from glance_image_sync.state.runlock import AlreadyRunning, RunLock
+from glance_image_sync.sync.ordering import OrderedDispatcher
 
 
 def test_jobs_of_one_key_run_in_order_and_never_at_once():
@@ -89,7 +89,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
 def test_a_killed_holder_does_not_block_the_next_run(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from glance_image_sync.runlock import RunLock; "
+         "import sys, time; from glance_image_sync.state.runlock import RunLock; "
          f"RunLock.in_dir({str(tmp_path)!r}).acquire(); print('held', flush=True); "
          "time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)

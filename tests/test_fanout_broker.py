@@ -8,7 +8,11 @@ import kombu
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import app, cli, notifications, service, topology
+from glance_image_sync import cmd as cli
+from glance_image_sync import service
+from glance_image_sync.broker import topology
+from glance_image_sync.fanout import notifications
+from glance_image_sync.sync import session as app
 from tests.fixtures import notification_files
 from tests.test_notifications import EXPECTED
 from tools.localcluster import rabbitmqctl, wait_for

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from glance_image_sync import topology
+from glance_image_sync.broker import topology
 from tools.localcluster import rabbitmqctl, restart_broker, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -44,14 +44,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glance_image_sync import events, notifications
-from glance_image_sync.config import StoreSettings, TransferSettings
+from glance_image_sync import events
 from glance_image_sync.events import Action, Ignored, ImageEvent, Rejected
+from glance_image_sync.fanout import notifications
 from glance_image_sync.nodes import Nodes
-from glance_image_sync.store import TEMP_PREFIX, ImageStore
-from glance_image_sync.sync import ImageSync, Outcome
-from glance_image_sync.tombstones import Tombstones
-from glance_image_sync.transfer import Rsync
+from glance_image_sync.settings import StoreSettings, TransferSettings
+from glance_image_sync.state.tombstones import Tombstones
+from glance_image_sync.store.images import TEMP_PREFIX, ImageStore
+from glance_image_sync.sync.apply import ImageSync, Outcome
+from glance_image_sync.transfer.rsync import Rsync
 
 NODES = Nodes(["node1", "kube2.example.com", "node3"], "kube2")
 PEERS = ("node1", "node3")

@@ -97,12 +97,12 @@ STARTERS = {
 }
 # Where the package starts a program, as (module, function, call). A new one must be
 # reviewed for the rules below and added here.
-KNOWN = {("transfer.py", "run_rsync", "subprocess.Popen")}
+KNOWN = {("transfer/rsync.py", "run_rsync", "subprocess.Popen")}
 
 
 def _calls_that_start_programs():
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for function in ast.walk(tree):
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -111,11 +111,12 @@ def _calls_that_start_programs():
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and isinstance(node.func.value, ast.Name)
                         and node.func.attr in STARTERS.get(node.func.value.id, ())):
-                    found.append((path.name, function.name, node, function))
+                    found.append((path.relative_to(PACKAGE).as_posix(), function.name, node,
+                                  function))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module in STARTERS:
                 names = {alias.name for alias in node.names} & STARTERS[node.module]
-                assert not names, f"{path.name} imports {names} from {node.module}"
+                assert not names, f"{path} imports {names} from {node.module}"
     return found
 
 

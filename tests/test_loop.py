@@ -3,7 +3,7 @@
 import os
 import threading
 
-from glance_image_sync.loop import ConnectionLoop
+from glance_image_sync.broker.loop import ConnectionLoop
 
 
 def test_a_wake_up_after_close_writes_into_no_file_that_took_the_pipes_number(tmp_path):

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from glance_image_sync.tombstones import Tombstones
+from glance_image_sync.state.tombstones import Tombstones
 from tests.clusterhelpers import free_port, parse, queue_messages, scrape, scrape_until
 from tools.localcluster import STORE_GID, STORE_UID, wait_for
 

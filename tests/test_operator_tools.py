@@ -8,11 +8,14 @@ import uuid
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import cli, listing, reconcile, service, status
-from glance_image_sync.listing import Entry
-from glance_image_sync.nodestate import Record, Snapshot
-from glance_image_sync.queuestats import NodeQueues, Overview, QueueStats
-from glance_image_sync.reconcile import HERE_ONLY, MISSING, SIZE_MISMATCH
+from glance_image_sync import cmd as cli
+from glance_image_sync import service
+from glance_image_sync.admin import reconcile, status
+from glance_image_sync.admin.reconcile import HERE_ONLY, MISSING, SIZE_MISMATCH
+from glance_image_sync.broker.queues import NodeQueues, Overview, QueueStats
+from glance_image_sync.state.nodestate import Record, Snapshot
+from glance_image_sync.transfer import listing
+from glance_image_sync.transfer.listing import Entry
 
 A, B, C, D = (str(uuid.UUID(int=n)) for n in range(1, 5))
 

@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-import glance_image_sync.store as store_module
-from glance_image_sync.config import StoreSettings
+import glance_image_sync.store.images as store_module
 from glance_image_sync.events import Rejected
-from glance_image_sync.store import (
+from glance_image_sync.settings import StoreSettings
+from glance_image_sync.store.images import (
     TEMP_PREFIX,
     DiskFull,
     ImageStore,

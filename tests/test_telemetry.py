@@ -8,12 +8,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from glance_image_sync import nodestate
 from glance_image_sync.events import Action, ImageEvent
 from glance_image_sync.metrics import Metrics
-from glance_image_sync.sync import Outcome
+from glance_image_sync.state import nodestate
+from glance_image_sync.sync.apply import Outcome
 from glance_image_sync.telemetry import Telemetry
-from glance_image_sync.transfer import TransferCancelled, TransferFailed
+from glance_image_sync.transfer.rsync import TransferCancelled, TransferFailed
 
 IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
 EVENT = ImageEvent(Action.PRESENT, IMAGE, "node1", "0" * 32, 1000)

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from glance_image_sync.config import TransferSettings
 from glance_image_sync.events import Rejected
-from glance_image_sync.transfer import (
+from glance_image_sync.settings import TransferSettings
+from glance_image_sync.transfer.rsync import (
     CONTROL_DIR_MAX,
     SESSIONS_PER_PEER,
     Rsync,

@@ -295,7 +295,7 @@ class LocalCluster:
         self.restricted_key = restricted_key
         script = pathlib.Path(sys.executable).with_name("glance-image-sync")
         self.program = [str(script)] if script.exists() else [sys.executable, "-m",
-                                                              "glance_image_sync.cli"]
+                                                              "glance_image_sync"]
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.base),
                     "LC_ALL": "C"}
         self._notifiers = {}

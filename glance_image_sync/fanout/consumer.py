@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
-from glance_image_sync import notifications, topology
-from glance_image_sync.consumer import QueueConsumer
+from glance_image_sync.broker import topology
+from glance_image_sync.broker.consumer import QueueConsumer
+from glance_image_sync.broker.loop import Reconnect
 from glance_image_sync.events import Ignored, Rejected
-from glance_image_sync.loop import Reconnect
+from glance_image_sync.fanout import notifications
 
 LOG = logging.getLogger(__name__)
 

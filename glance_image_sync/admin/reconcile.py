@@ -46,14 +46,15 @@ from dataclasses import dataclass, field
 
 from oslo_log import log as logging
 
-from glance_image_sync import listing, queuestats
-from glance_image_sync.config import ConfigError
-from glance_image_sync.listing import Entry
-from glance_image_sync.loop import BrokerUnavailable
-from glance_image_sync.status import plural
-from glance_image_sync.store import ImageStore, StoreError
-from glance_image_sync.tombstones import Tombstones
-from glance_image_sync.transfer import Rsync, TransferFailed
+from glance_image_sync.admin.status import plural
+from glance_image_sync.broker import queues as queuestats
+from glance_image_sync.broker.loop import BrokerUnavailable
+from glance_image_sync.settings import ConfigError
+from glance_image_sync.state.tombstones import Tombstones
+from glance_image_sync.store.images import ImageStore, StoreError
+from glance_image_sync.transfer import listing
+from glance_image_sync.transfer.listing import Entry
+from glance_image_sync.transfer.rsync import Rsync, TransferFailed
 
 LOG = logging.getLogger(__name__)
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from glance_image_sync import broker, events, topology
-from glance_image_sync.consumer import NODE_HEADER, QUEUE_HEADER, REASON_HEADER
+from glance_image_sync import events
+from glance_image_sync.broker import connection as broker
+from glance_image_sync.broker import topology
+from glance_image_sync.broker.consumer import NODE_HEADER, QUEUE_HEADER, REASON_HEADER
+from glance_image_sync.broker.publisher import ConfirmingPublisher
 from glance_image_sync.events import Rejected
-from glance_image_sync.publisher import ConfirmingPublisher
-from glance_image_sync.worker import ATTEMPT_HEADER, ERROR_HEADER
+from glance_image_sync.sync.worker import ATTEMPT_HEADER, ERROR_HEADER
 
 REPLAYED_HEADER = "x-gis-replayed"
 LIST_LIMIT = 10_000

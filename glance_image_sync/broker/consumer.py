@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from kombu import Consumer
 from oslo_log import log as logging
 
-from glance_image_sync import broker, topology
-from glance_image_sync.loop import Reconnect
-from glance_image_sync.publisher import ConfirmingPublisher
+from glance_image_sync.broker import connection as broker
+from glance_image_sync.broker import topology
+from glance_image_sync.broker.loop import Reconnect
+from glance_image_sync.broker.publisher import ConfirmingPublisher
 
 LOG = logging.getLogger(__name__)
 

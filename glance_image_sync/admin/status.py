@@ -24,9 +24,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from glance_image_sync import nodestate, queuestats
-from glance_image_sync.loop import BrokerUnavailable
-from glance_image_sync.nodestate import NodeStateError, Snapshot
+from glance_image_sync.broker import queues as queuestats
+from glance_image_sync.broker.loop import BrokerUnavailable
+from glance_image_sync.state import nodestate
+from glance_image_sync.state.nodestate import NodeStateError, Snapshot
 
 EXIT_OK, EXIT_ATTENTION = 0, 1
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from glance_image_sync import events
-from glance_image_sync.transfer import TransferFailed, run_rsync, ssh_command
+from glance_image_sync.transfer.rsync import TransferFailed, run_rsync, ssh_command
 
 # "-rw-r-----      4194304 2024/05/01 10:42:07 <name>" (with --no-human-readable)
 _LIST_RE = re.compile(r"(?P<type>\S)\S{9}\s+(?P<size>\d+)\s+"

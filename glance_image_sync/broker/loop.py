@@ -38,8 +38,8 @@ import time
 
 from oslo_log import log as logging
 
-from glance_image_sync import broker
-from glance_image_sync.framereader import FrameReader
+from glance_image_sync.broker import connection as broker
+from glance_image_sync.broker.framereader import FrameReader
 
 LOG = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import threading
 
 from oslo_log import log as logging
 
-from glance_image_sync import events, libc
+from glance_image_sync import events
+from glance_image_sync.store import libc
 
 LOG = logging.getLogger(__name__)
 

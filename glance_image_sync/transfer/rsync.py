@@ -35,8 +35,9 @@ import threading
 
 from oslo_log import log as logging
 
-from glance_image_sync import events, libc
-from glance_image_sync.store import TEMP_PREFIX
+from glance_image_sync import events
+from glance_image_sync.store import libc
+from glance_image_sync.store.images import TEMP_PREFIX
 
 LOG = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from glance_image_sync import broker as brokers
-from glance_image_sync import topology
-from glance_image_sync.loop import BrokerUnavailable
+from glance_image_sync.broker import connection as brokers
+from glance_image_sync.broker import topology
+from glance_image_sync.broker.loop import BrokerUnavailable
 
 
 @dataclass(frozen=True)

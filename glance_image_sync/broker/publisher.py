@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 from amqp.exceptions import RecoverableConnectionError
 
-from glance_image_sync.publishframes import PublishEncoder
+from glance_image_sync.broker.publishframes import PublishEncoder
 
 
 class _Pending:

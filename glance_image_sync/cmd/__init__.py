@@ -40,11 +40,15 @@ import sys
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from glance_image_sync import app, broker, failed, reconcile, service, status, topology
-from glance_image_sync.config import ConfigError
-from glance_image_sync.loop import BrokerUnavailable
-from glance_image_sync.runlock import AlreadyRunning, RunLock
-from glance_image_sync.supervisor import Supervisor
+from glance_image_sync import service
+from glance_image_sync.admin import failed, reconcile, status
+from glance_image_sync.broker import connection as broker
+from glance_image_sync.broker import topology
+from glance_image_sync.broker.loop import BrokerUnavailable
+from glance_image_sync.daemon.supervisor import Supervisor
+from glance_image_sync.settings import ConfigError
+from glance_image_sync.state.runlock import AlreadyRunning, RunLock
+from glance_image_sync.sync import session as app
 
 LOG = logging.getLogger(__name__)
 
