@@ -16,6 +16,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from glance_image_sync.exceptions import Rejected
+
 # Largest body read as JSON; a Glance notification with every property set
 # stays far below it.
 MAX_BODY_BYTES = 1024 * 1024
@@ -25,14 +27,6 @@ WIRE_VERSION = 1
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
 # What str(uuid.UUID(...)) gives: lower-case hex, hyphenated 8-4-4-4-12.
 _CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-class Rejected(ValueError):
-    """A message that must not be acted on; ``reason`` says why."""
-
-    @property
-    def reason(self) -> str:
-        return str(self.args[0])
 
 
 class Action(enum.Enum):

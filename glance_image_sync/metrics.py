@@ -51,10 +51,13 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 from glance_image_sync.broker import queues as queuestats
-from glance_image_sync.broker.loop import BrokerUnavailable
-from glance_image_sync.settings import ConfigError
+from glance_image_sync.exceptions import (
+    BrokerUnavailable,
+    ConfigError,
+    NodeStateError,
+    TransferCancelled,
+)
 from glance_image_sync.state import nodestate
-from glance_image_sync.transfer.rsync import TransferCancelled
 
 LOG = logging.getLogger(__name__)
 
@@ -167,7 +170,7 @@ class _NodeStateCollector:
                                   "When an event last failed on this node (Unix time).")
         try:
             snapshot = nodestate.load(self.state_dir)
-        except nodestate.NodeStateError as exc:
+        except NodeStateError as exc:
             failure = exc
         else:
             failure = None

@@ -12,7 +12,8 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from glance_image_sync import opts
-from glance_image_sync.settings import ConfigError, Settings
+from glance_image_sync.exceptions import ConfigError
+from glance_image_sync.settings import Settings
 
 DEFAULT_CONFIG_FILE = "/etc/glance/glance-image-sync.conf"
 PROG = "glance-image-sync"

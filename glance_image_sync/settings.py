@@ -14,6 +14,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
+from glance_image_sync.exceptions import ConfigError
 from glance_image_sync.nodes import Nodes
 
 _USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
@@ -21,10 +22,6 @@ _USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 # needs neither is passed through unchanged.
 _SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9_./+@%=,-]*")
 _CIPHER_RE = re.compile(r"[a-z0-9][a-z0-9@.-]*")
-
-
-class ConfigError(Exception):
-    """A configuration value that cannot work; the message says which and why."""
 
 
 @dataclass(frozen=True)

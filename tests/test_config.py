@@ -9,7 +9,8 @@ from oslo_config import cfg
 
 from glance_image_sync import cmd as cli
 from glance_image_sync import service
-from glance_image_sync.settings import ConfigError, kombu_urls, redact_url
+from glance_image_sync.exceptions import ConfigError
+from glance_image_sync.settings import kombu_urls, redact_url
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from glance_image_sync.state.runlock import AlreadyRunning, RunLock
+from glance_image_sync.exceptions import AlreadyRunning
+from glance_image_sync.state.runlock import RunLock
 from glance_image_sync.sync.ordering import OrderedDispatcher
 
 

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from glance_image_sync import events
 from glance_image_sync.broker import topology
 from glance_image_sync.events import Action, ImageEvent
+from glance_image_sync.exceptions import TransferFailed
 from glance_image_sync.nodes import Nodes
 from glance_image_sync.settings import StoreSettings, TopologySettings
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
 from glance_image_sync.sync.apply import ImageSync
-from glance_image_sync.transfer.rsync import TransferFailed
 
 IMAGES = 4
 # As the cluster's nodes declare them (tools/localcluster.py: retry_delays = 1,2).

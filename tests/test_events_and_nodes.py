@@ -5,7 +5,8 @@ import json
 import pytest
 
 from glance_image_sync import events
-from glance_image_sync.events import Action, ImageEvent, Rejected
+from glance_image_sync.events import Action, ImageEvent
+from glance_image_sync.exceptions import Rejected
 from glance_image_sync.nodes import Nodes, normalize_hostname, same_host
 
 NODES = Nodes(["node1.example.com", "node2", "node3"], "node2.example.com")

@@ -45,7 +45,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glance_image_sync import events
-from glance_image_sync.events import Action, Ignored, ImageEvent, Rejected
+from glance_image_sync.events import Action, Ignored, ImageEvent
+from glance_image_sync.exceptions import Rejected
 from glance_image_sync.fanout import notifications
 from glance_image_sync.nodes import Nodes
 from glance_image_sync.settings import StoreSettings, TransferSettings

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glance_image_sync.events import Action, Ignored, ImageEvent, Rejected
+from glance_image_sync.events import Action, Ignored, ImageEvent
+from glance_image_sync.exceptions import Rejected
 from glance_image_sync.fanout import notifications
 from glance_image_sync.nodes import Nodes
 from tests.fixtures import body_of, notification_files

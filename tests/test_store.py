@@ -9,15 +9,9 @@ import threading
 import pytest
 
 import glance_image_sync.store.images as store_module
-from glance_image_sync.events import Rejected
+from glance_image_sync.exceptions import DiskFull, Rejected, StoreError, VerificationFailed
 from glance_image_sync.settings import StoreSettings
-from glance_image_sync.store.images import (
-    TEMP_PREFIX,
-    DiskFull,
-    ImageStore,
-    StoreError,
-    VerificationFailed,
-)
+from glance_image_sync.store.images import TEMP_PREFIX, ImageStore
 from tools.localcluster import wait_for
 
 IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"

@@ -9,11 +9,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from glance_image_sync.events import Action, ImageEvent
+from glance_image_sync.exceptions import NodeStateError, TransferCancelled, TransferFailed
 from glance_image_sync.metrics import Metrics
 from glance_image_sync.state import nodestate
 from glance_image_sync.sync.apply import Outcome
 from glance_image_sync.telemetry import Telemetry
-from glance_image_sync.transfer.rsync import TransferCancelled, TransferFailed
 
 IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
 EVENT = ImageEvent(Action.PRESENT, IMAGE, "node1", "0" * 32, 1000)
@@ -54,7 +54,7 @@ def test_a_reader_never_sees_a_partial_record_while_writers_race(tmp_path):
         while not stop.is_set():
             try:
                 seen.append(nodestate.load(str(tmp_path)))
-            except nodestate.NodeStateError as exc:
+            except NodeStateError as exc:
                 problems.append(exc)
 
     reader = threading.Thread(target=read)
@@ -75,7 +75,7 @@ def test_a_damaged_record_is_reported_by_load_and_replaced_by_the_next_outcome(t
     path = nodestate.path_in(str(tmp_path))
     with open(path, "w") as f:
         f.write('{"version": 1, "last_success": {"time": "x"')
-    with pytest.raises(nodestate.NodeStateError, match="not a status record"):
+    with pytest.raises(NodeStateError, match="not a status record"):
         nodestate.load(str(tmp_path))
     nodestate.NodeState(str(tmp_path)).record_error(IMAGE, "disk full", when=5.0)
     with open(path) as f:

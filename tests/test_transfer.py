@@ -8,13 +8,12 @@ import uuid
 
 import pytest
 
-from glance_image_sync.events import Rejected
+from glance_image_sync.exceptions import Rejected, TransferFailed
 from glance_image_sync.settings import TransferSettings
 from glance_image_sync.transfer.rsync import (
     CONTROL_DIR_MAX,
     SESSIONS_PER_PEER,
     Rsync,
-    TransferFailed,
     _Batch,
     _failure_of,
     _first_line,

@@ -19,7 +19,7 @@ from glance_image_sync.broker import connection as broker
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.consumer import NODE_HEADER, QUEUE_HEADER, REASON_HEADER
 from glance_image_sync.broker.publisher import ConfirmingPublisher
-from glance_image_sync.events import Rejected
+from glance_image_sync.exceptions import Rejected
 from glance_image_sync.sync.worker import ATTEMPT_HEADER, ERROR_HEADER
 
 REPLAYED_HEADER = "x-gis-replayed"

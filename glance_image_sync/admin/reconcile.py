@@ -48,13 +48,12 @@ from oslo_log import log as logging
 
 from glance_image_sync.admin.status import plural
 from glance_image_sync.broker import queues as queuestats
-from glance_image_sync.broker.loop import BrokerUnavailable
-from glance_image_sync.settings import ConfigError
+from glance_image_sync.exceptions import BrokerUnavailable, ConfigError, StoreError, TransferFailed
 from glance_image_sync.state.tombstones import Tombstones
-from glance_image_sync.store.images import ImageStore, StoreError
+from glance_image_sync.store.images import ImageStore
 from glance_image_sync.transfer import listing
 from glance_image_sync.transfer.listing import Entry
-from glance_image_sync.transfer.rsync import Rsync, TransferFailed
+from glance_image_sync.transfer.rsync import Rsync
 
 LOG = logging.getLogger(__name__)
 

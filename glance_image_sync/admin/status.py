@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 
 from glance_image_sync.broker import queues as queuestats
-from glance_image_sync.broker.loop import BrokerUnavailable
+from glance_image_sync.exceptions import BrokerUnavailable, NodeStateError
 from glance_image_sync.state import nodestate
-from glance_image_sync.state.nodestate import NodeStateError, Snapshot
+from glance_image_sync.state.nodestate import Snapshot
 
 EXIT_OK, EXIT_ATTENTION = 0, 1
 

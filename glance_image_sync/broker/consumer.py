@@ -22,8 +22,8 @@ from oslo_log import log as logging
 
 from glance_image_sync.broker import connection as broker
 from glance_image_sync.broker import topology
-from glance_image_sync.broker.loop import Reconnect
 from glance_image_sync.broker.publisher import ConfirmingPublisher
+from glance_image_sync.exceptions import Reconnect
 
 LOG = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from oslo_log import log as logging
 
 from glance_image_sync.broker import connection as broker
 from glance_image_sync.broker.framereader import FrameReader
+from glance_image_sync.exceptions import BrokerUnavailable, Reconnect
 
 LOG = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-class BrokerUnavailable(Exception):
-    """The broker could not be reached within a one-shot run's attempts."""
-
-
-class Reconnect(Exception):
-    """Start over on a new connection (declaring everything again)."""
 
 
 class ConnectionLoop:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.broker import topology
-from glance_image_sync.broker.loop import BrokerUnavailable
+from glance_image_sync.exceptions import BrokerUnavailable
 
 
 @dataclass(frozen=True)

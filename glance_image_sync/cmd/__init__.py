@@ -44,10 +44,9 @@ from glance_image_sync import service
 from glance_image_sync.admin import failed, reconcile, status
 from glance_image_sync.broker import connection as broker
 from glance_image_sync.broker import topology
-from glance_image_sync.broker.loop import BrokerUnavailable
 from glance_image_sync.daemon.supervisor import Supervisor
-from glance_image_sync.settings import ConfigError
-from glance_image_sync.state.runlock import AlreadyRunning, RunLock
+from glance_image_sync.exceptions import AlreadyRunning, BrokerUnavailable, ConfigError
+from glance_image_sync.state.runlock import RunLock
 from glance_image_sync.sync import session as app
 
 LOG = logging.getLogger(__name__)

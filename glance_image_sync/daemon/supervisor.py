@@ -22,8 +22,8 @@ import time
 from oslo_log import log as logging
 
 from glance_image_sync.daemon.systemd import SystemdNotifier, watchdog_interval
+from glance_image_sync.exceptions import AlreadyRunning
 from glance_image_sync.nodes import Nodes
-from glance_image_sync.state.runlock import AlreadyRunning
 from glance_image_sync.sync import session as app
 
 LOG = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from oslo_log import log as logging
 
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.consumer import QueueConsumer
-from glance_image_sync.broker.loop import Reconnect
-from glance_image_sync.events import Ignored, Rejected
+from glance_image_sync.events import Ignored
+from glance_image_sync.exceptions import Reconnect, Rejected
 from glance_image_sync.fanout import notifications
 
 LOG = logging.getLogger(__name__)

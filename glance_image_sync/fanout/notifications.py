@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from glance_image_sync import events
 from glance_image_sync import nodes as nodes_mod
-from glance_image_sync.events import Action, Ignored, ImageEvent, Rejected, show
+from glance_image_sync.events import Action, Ignored, ImageEvent, show
+from glance_image_sync.exceptions import Rejected
 
 _ACTIONS = {
     "image.upload": Action.PRESENT,

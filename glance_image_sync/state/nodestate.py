@@ -23,13 +23,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from glance_image_sync.exceptions import NodeStateError
+
 FILE_NAME = "status.json"
 VERSION = 1
 _DETAIL_LIMIT = 500
-
-
-class NodeStateError(Exception):
-    """The record exists but cannot be read; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-
-class AlreadyRunning(Exception):
-    """Another process holds the lock; the message names its pid."""
+from glance_image_sync.exceptions import AlreadyRunning
 
 
 class RunLock:

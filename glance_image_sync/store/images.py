@@ -26,6 +26,7 @@ import threading
 from oslo_log import log as logging
 
 from glance_image_sync import events
+from glance_image_sync.exceptions import DiskFull, Rejected, StoreError, VerificationFailed
 from glance_image_sync.store import libc
 
 LOG = logging.getLogger(__name__)
@@ -33,18 +34,6 @@ LOG = logging.getLogger(__name__)
 TEMP_PREFIX = ".glance-image-sync."
 _CHUNK = 1024 * 1024
 _CACHE_LIMIT = 100_000
-
-
-class StoreError(Exception):
-    """The store could not do what was asked; the message says why."""
-
-
-class VerificationFailed(StoreError):
-    """A copy's size or md5 is not the event's."""
-
-
-class DiskFull(StoreError):
-    """No space left for the copy."""
 
 
 class ImageStore:
@@ -112,7 +101,7 @@ class ImageStore:
         for entry in os.scandir(self.dir_fd):
             try:
                 image_id = events.image_id(entry.name)
-            except events.Rejected:
+            except Rejected:
                 continue
             if entry.is_file(follow_symlinks=False):
                 found[image_id] = entry.stat(follow_symlinks=False).st_size

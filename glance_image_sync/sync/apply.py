@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from oslo_log import log as logging
 
 from glance_image_sync.events import Action
-from glance_image_sync.store.images import DiskFull, StoreError
+from glance_image_sync.exceptions import DiskFull, StoreError, TransferCancelled, TransferFailed
 from glance_image_sync.telemetry import Telemetry
-from glance_image_sync.transfer.rsync import TransferCancelled, TransferFailed
 
 LOG = logging.getLogger(__name__)
 

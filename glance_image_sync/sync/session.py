@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from oslo_log import log as logging
 
 from glance_image_sync.broker.loop import ConnectionLoop
+from glance_image_sync.exceptions import ConfigError, StoreError
 from glance_image_sync.fanout.consumer import FanOut
 from glance_image_sync.metrics import Exporter, Metrics
-from glance_image_sync.settings import ConfigError
 from glance_image_sync.state.nodestate import NodeState
 from glance_image_sync.state.runlock import RunLock
 from glance_image_sync.state.tombstones import Tombstones
-from glance_image_sync.store.images import ImageStore, StoreError
+from glance_image_sync.store.images import ImageStore
 from glance_image_sync.sync.apply import ImageSync
 from glance_image_sync.sync.ordering import OrderedDispatcher
 from glance_image_sync.sync.worker import SyncWorker

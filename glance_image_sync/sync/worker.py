@@ -28,8 +28,7 @@ from oslo_log import log as logging
 from glance_image_sync import events
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.consumer import QueueConsumer
-from glance_image_sync.broker.loop import Reconnect
-from glance_image_sync.events import Rejected
+from glance_image_sync.exceptions import Reconnect, Rejected
 from glance_image_sync.sync.apply import Outcome
 from glance_image_sync.telemetry import Telemetry
 

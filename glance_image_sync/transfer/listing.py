@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 
 from glance_image_sync import events
-from glance_image_sync.transfer.rsync import TransferFailed, run_rsync, ssh_command
+from glance_image_sync.exceptions import Rejected, TransferFailed
+from glance_image_sync.transfer.rsync import run_rsync, ssh_command
 
 # "-rw-r-----      4194304 2024/05/01 10:42:07 <name>" (with --no-human-readable)
 _LIST_RE = re.compile(r"(?P<type>\S)\S{9}\s+(?P<size>\d+)\s+"
@@ -63,7 +64,7 @@ def parse_listing(text: str) -> dict:
             continue  # the directory itself, symlinks, anything unexpected
         try:
             image_id = events.image_id(match.group("name"))
-        except events.Rejected:
+        except Rejected:
             continue  # temporaries and foreign files are not images
         # rsync prints the mtime in this machine's local time.
         mtime = time.mktime(time.strptime(match.group("when"), "%Y/%m/%d %H:%M:%S"))

@@ -36,6 +36,7 @@ import threading
 from oslo_log import log as logging
 
 from glance_image_sync import events
+from glance_image_sync.exceptions import TransferCancelled, TransferFailed
 from glance_image_sync.store import libc
 from glance_image_sync.store.images import TEMP_PREFIX
 
@@ -57,21 +58,6 @@ def _die_with_parent() -> None:
     """
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-class TransferFailed(Exception):
-    """rsync did not bring the file; the message says why, in rsync's words."""
-
-    def __init__(self, message, disk_full=False, what="", returncode=None, stderr=""):
-        super().__init__(message)
-        self.disk_full = disk_full
-        self.what = what  # "rsync from node1"
-        self.returncode = returncode  # rsync's, if it ended by itself
-        self.stderr = stderr
-
-
-class TransferCancelled(TransferFailed):
-    """The transfer was stopped because the process is shutting down."""
 
 
 def ssh_command(settings) -> str:
