@@ -11,6 +11,7 @@ queue only once the broker confirmed and routed its copy.
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import asdict, dataclass
 
@@ -70,7 +71,8 @@ def browse(connection, queue_name: str, nodes, limit: int = LIST_LIMIT) -> list:
 
 def replay(connection, node: str, nodes, image_ids=None) -> int:
     """Move failed events (all, or those of ``image_ids``) back to the node queue."""
-    publisher = ConfirmingPublisher(connection)
+    settled = collections.deque()
+    publisher = ConfirmingPublisher(connection, defer=settled.append)
     channel = broker.raw_channel(connection)
     moved = []
     try:
@@ -92,6 +94,8 @@ def replay(connection, node: str, nodes, image_ids=None) -> int:
                               content_type=message.content_type or "application/json")
         while publisher.pending:
             connection.drain_events(timeout=30)
+            while settled:
+                settled.popleft()()
     finally:
         channel.close()
         publisher.channel.close()

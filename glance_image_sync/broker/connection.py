@@ -45,11 +45,4 @@ def connect(broker) -> Connection:
     conn = connection(broker)
     conn.ensure_connection(max_retries=len(broker.urls) - 1, interval_start=0,
                            interval_step=0, interval_max=0)
-    # py-amqp reads (and dispatches) incoming frames inside every basic_publish
-    # when this capability is on, to notice connection.blocked: a syscall per
-    # publish, and callbacks run in the middle of a publish. Blocked or not,
-    # a publish to a blocked broker waits in the socket all the same.
-    capabilities = conn.connection.client_properties.get("capabilities")
-    if capabilities:
-        capabilities["connection.blocked"] = False
     return conn

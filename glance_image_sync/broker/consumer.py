@@ -6,6 +6,10 @@ waiting), and moves messages it cannot use to the dead-letter queue: the
 original body, with the reason in the ``x-gis-reason`` header, acked only
 once the broker confirmed the copy.
 
+A delivery is handled once py-amqp's dispatch has returned (``call_soon``),
+as is every confirm: a handler may publish, ack, or raise ``Reconnect``, none
+of which may happen inside the dispatch of a frame.
+
 Deliveries remember the connection they came on. After a reconnect, work that
 finishes for a delivery of the old connection is not acked (the broker has
 already put the message back, and it will be handled again, idempotently).
@@ -110,7 +114,7 @@ class QueueConsumer:
         self.channel = broker.raw_channel(connection)
         self.acks = AckBatch(self.channel)
         self.queue = self.declare(connection, self.channel).bind(self.channel)
-        self.publisher = ConfirmingPublisher(connection)
+        self.publisher = ConfirmingPublisher(connection, defer=loop.call_soon)
         self.channel.basic_qos(prefetch_size=0, prefetch_count=self.prefetch, a_global=False)
         Consumer(self.channel, queues=[self.queue], on_message=self._on_message,
                  auto_declare=False, no_ack=False).consume()
@@ -150,9 +154,9 @@ class QueueConsumer:
         self.in_flight += 1
         self.acks.delivered(message.delivery_tag)
         delivery = Delivery(message, self.generation)
-        # Handled once this callback has returned, never inside it: a handler
-        # publishes, and may raise Reconnect, which must not unwind through
-        # py-amqp's dispatch of a frame with its state half updated.
+        # Handled once py-amqp's dispatch has returned: a handler publishes,
+        # and may raise Reconnect, which must not unwind through the dispatch
+        # of a frame with py-amqp's state half updated.
         self.loop.call_soon(lambda: self._handle(delivery))
 
     def _handle(self, delivery) -> None:

@@ -1,13 +1,27 @@
 """One consumer on one persistent broker connection, event-driven.
 
 ``ConnectionLoop`` connects (with bounded, interruptible backoff), lets its
-component declare what it needs and start consuming, then sleeps in
-``select()`` on two things only: the broker socket and a wake-up pipe. Frames
-are read when they arrive; work finished on other threads is handed back
-through ``call_soon`` (which writes to the pipe), so acks and publishes always
-happen on the connection's own thread, as py-amqp requires. Heartbeats are
-sent from the same loop, so a long transfer never starves them. No polling:
-when nothing happens, the loop wakes only to keep the heartbeat going.
+component declare what it needs and start consuming, then waits in a
+selector on two things only: the broker socket and a wake-up pipe. When the
+socket is readable it calls py-amqp's ``drain_events`` until nothing more
+has arrived; work finished on other threads is handed back through
+``call_soon`` (which writes to the pipe). So acks and publishes always happen
+on the connection's own thread, as py-amqp requires, and heartbeats are sent
+from the same loop, so a long transfer never starves them. When nothing
+happens, the loop wakes only to keep the heartbeat going.
+
+Why a loop of our own rather than kombu's ``ConsumerMixin``: the sync worker's
+results come from transfer threads and must be acked as soon as they are
+ready; ``ConsumerMixin`` only looks up between ``drain_events`` calls (a
+second apart when idle), while a wake-up pipe in the same selector as the
+socket hands a result over at once, without polling. The loop also needs
+timers (``consumer_timeout``), a way to tell that a one-shot run has drained
+its queue, and a reconnect backoff that a stop request interrupts, which
+``ConsumerMixin``'s does not while the broker is down.
+
+Every callback py-amqp makes (a delivery, a confirm, a return) only records
+what happened; the handlers run once ``drain_events`` has returned. Nothing
+publishes, acks or raises inside py-amqp's dispatch of a frame.
 
 A component is an object with:
 
@@ -31,7 +45,7 @@ from __future__ import annotations
 import collections
 import os
 import random
-import select
+import selectors
 import socket
 import threading
 import time
@@ -39,15 +53,15 @@ import time
 from oslo_log import log as logging
 
 from glance_image_sync.broker import connection as broker
-from glance_image_sync.broker.framereader import FrameReader
 from glance_image_sync.exceptions import BrokerUnavailable, Reconnect
 
 LOG = logging.getLogger(__name__)
 
-# Longest wait for the rest of a frame once the socket was readable.
+# Longest wait for the rest of a frame once the socket was readable (py-amqp
+# keeps a frame cut short and finishes it on a later turn).
 FRAME_WAIT = 0.01
-# Frames dispatched before calls, timers and heartbeats get their turn.
-MAX_FRAMES_PER_TURN = 3000
+# Messages dispatched before calls, timers and heartbeats get their turn.
+MAX_MESSAGES_PER_TURN = 1000
 # A one-shot run gives up on an unreachable broker after this many tries.
 ONCE_CONNECT_ATTEMPTS = 3
 # In once mode, how long the queue must be quiet before asking if it is empty.
@@ -92,8 +106,8 @@ class ConnectionLoop:
     def call_soon(self, fn) -> None:
         """Run ``fn()`` on the connection thread, as soon as it can.
 
-        From the connection thread itself this defers ``fn`` until the frames
-        at hand are dispatched: never run inside a py-amqp callback.
+        From the connection thread itself this defers ``fn`` until the
+        dispatch at hand has returned: never run inside a py-amqp callback.
         """
         self._calls.append(fn)
         if threading.get_ident() != self._thread:
@@ -160,11 +174,11 @@ class ConnectionLoop:
     def _lost(self, exc, backoff) -> None:
         delay = backoff.next_delay()
         if self.once and backoff.attempt >= ONCE_CONNECT_ATTEMPTS:
-            raise BrokerUnavailable(f"{self.broker.redacted()}: {_describe(exc)}")
+            raise BrokerUnavailable(f"{self.broker.redacted()}: {describe(exc)}")
         if self.outage is None:
-            self.outage = (time.time(), _describe(exc))
+            self.outage = (time.time(), describe(exc))
         LOG.warning("%s: broker connection lost or refused (%s); reconnecting in %.1f s "
-                    "(attempt %d)", self.name, _describe(exc), delay, backoff.attempt)
+                    "(attempt %d)", self.name, describe(exc), delay, backoff.attempt)
         deadline = time.monotonic() + delay
         while not self.stop_event.is_set() and time.monotonic() < deadline:
             # Waiting is progress too: a broker outage is no reason for the
@@ -173,9 +187,14 @@ class ConnectionLoop:
             self.last_progress = time.monotonic()
 
     def _serve(self, connection) -> bool:
-        """Dispatch frames and calls until stopped; True when done for good."""
+        """Dispatch messages and calls until stopped; True when done for good."""
         sock = connection.connection.sock
-        reader = FrameReader(connection.connection)
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            return self._turns(connection, sock, selector)
+
+    def _turns(self, connection, sock, selector) -> bool:
         heartbeat_every = max(1.0, self.broker.heartbeat / 4)
         next_heartbeat = time.monotonic() + heartbeat_every
         quiet_since = time.monotonic()
@@ -184,17 +203,16 @@ class ConnectionLoop:
             deadline = min(next_heartbeat, self.component.next_deadline() or next_heartbeat)
             if self.once:
                 deadline = min(deadline, quiet_since + ONCE_QUIET_SECONDS)
-            # Frames already read (a turn stops after MAX_FRAMES_PER_TURN) or
-            # decrypted: the socket may never become readable for them.
-            buffered = reader.in_hand()
-            timeout = 0.0 if buffered or self._calls else max(0.0, deadline - now)
-            readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
+            # Bytes TLS has decrypted but not handed on: the socket will not
+            # signal them.
+            in_hand = _tls_pending(sock)
+            timeout = 0.0 if in_hand or self._calls else max(0.0, deadline - now)
+            ready = {key.fileobj for key, _ in selector.select(timeout)}
             self.last_progress = time.monotonic()
-            _cork(sock, True)
-            if self._wake_r in readable:
+            if self._wake_r in ready:
                 _empty_pipe(self._wake_r)
-            if buffered or sock in readable:
-                self._drain(reader, sock)
+            if in_hand or sock in ready:
+                self._drain(connection, sock, selector)
                 quiet_since = time.monotonic()
             if self._calls:
                 self._run_calls()
@@ -207,7 +225,6 @@ class ConnectionLoop:
             if deadline is not None and now >= deadline:
                 self.component.on_timer()
             self.component.flush()
-            _cork(sock, False)
             if self.once and now - quiet_since >= ONCE_QUIET_SECONDS:
                 if self.component.is_drained():
                     return True
@@ -215,24 +232,17 @@ class ConnectionLoop:
         self.component.flush()
         return True
 
-    def _drain(self, reader, sock) -> None:
-        """Read and dispatch what has arrived, without waiting for more.
-
-        py-amqp's drain_events reads until a whole *method* is in, so a lone
-        heartbeat frame would make it wait for the next frame (seconds) with
-        calls and timers stalled: frames are read one at a time instead, and
-        a frame cut short is kept by py-amqp and finished on a later turn.
-        """
-        for _ in range(MAX_FRAMES_PER_TURN):
-            if not reader.in_hand():
-                ready, _, _ = select.select([sock], [], [], 0)
-                if not ready:
-                    return
+    def _drain(self, connection, sock, selector) -> None:
+        """Dispatch what has arrived, without waiting for more than a frame's rest."""
+        for _ in range(MAX_MESSAGES_PER_TURN):
             try:
-                reader.read_frame(timeout=FRAME_WAIT)
+                connection.drain_events(timeout=FRAME_WAIT)
             except socket.timeout:
+                return  # a lone heartbeat frame, or a frame cut short: kept by py-amqp
+            self._run_calls()  # what the dispatch recorded, before reading on
+            if not _tls_pending(sock) and not any(
+                    key.fileobj is sock for key, _ in selector.select(0)):
                 return
-            self._run_calls()  # what the frames deferred, before reading on
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -248,24 +258,17 @@ class ConnectionLoop:
             self._wake_w = None
 
 
+def _tls_pending(sock) -> bool:
+    pending = getattr(sock, "pending", None)  # ssl.SSLSocket's
+    return bool(pending and pending())
+
+
 def _empty_pipe(fd) -> None:
     try:
         while os.read(fd, 4096):
             pass
     except BlockingIOError:
         pass
-
-
-def _cork(sock, corked: bool) -> None:
-    """Hold back partial segments (TCP_CORK) while a turn writes; send them as it ends.
-
-    A turn may publish hundreds of copies and acks, each its own small write;
-    corked, they leave in full segments, and the broker reads them in bulk.
-    """
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if corked else 0)
-    except OSError:
-        pass  # a socket that has just died: the next read says so
 
 
 def _close_quietly(connection) -> None:
@@ -275,6 +278,7 @@ def _close_quietly(connection) -> None:
         LOG.debug("error while closing a broker connection", exc_info=True)
 
 
-def _describe(exc) -> str:
+def describe(exc) -> str:
+    """An exception as one line: its type, and its message when that says more."""
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -1,18 +1,19 @@
-"""Publishing with broker confirms, without ever waiting inside a callback.
+"""Publishing with broker confirms, without ever waiting for one.
 
-kombu's ``confirm_publish`` waits for each confirm inside ``basic_publish``;
-called from a consumer callback that wait reads (and dispatches) the next
+kombu's ``confirm_publish`` waits for each confirm inside ``basic_publish``:
+called from a consumer's handler, that wait reads (and dispatches) the next
 deliveries re-entrantly, and it costs a round trip per message. Here the
-channel is put in confirm mode once and ``publish`` only sends: the broker's
-``basic.ack`` / ``basic.nack`` / ``basic.return`` arrive later through the
-connection's normal event loop and settle each publish.
+channel is put in confirm mode once and ``publish`` only sends
+(``basic_publish(mandatory=True)``); the broker's ``basic.ack``,
+``basic.nack`` and ``basic.return`` arrive later through py-amqp's event
+hooks, in whatever turn of the loop reads them, and settle each publish.
 
-Contract: every message is published ``mandatory``; ``on_done(ok, reason)`` is
-called exactly once per publish, on the connection thread: ``ok`` when the
-broker confirmed it *and* routed it to a queue, otherwise ``ok`` is False
-with the reason (nacked, or returned as unroutable). If the connection dies
-before that, it is never called: the caller must then leave its source
-message unacked so the broker delivers it again.
+Contract: ``on_done(ok, reason)`` is called exactly once per publish, on the
+connection's thread and never inside py-amqp's dispatch of a frame (it is
+handed to ``defer``): ``ok`` when the broker confirmed the message *and*
+routed it to a queue, otherwise False with the reason (nacked, or returned as
+unroutable). If the connection dies first it is never called: the caller
+then leaves its source message unacked, so the broker delivers it again.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 
-from amqp.exceptions import RecoverableConnectionError
-
-from glance_image_sync.broker.publishframes import PublishEncoder
+import amqp
 
 
 class _Pending:
@@ -33,71 +32,102 @@ class _Pending:
         self.returned = None
 
 
+class Confirmations:
+    """Which publishes a confirm or a return settles: bookkeeping, no I/O.
+
+    A channel in confirm mode numbers its publishes 1, 2, 3, ...; the broker
+    confirms them by that number, several at once with ``multiple``.
+    """
+
+    def __init__(self):
+        self._tags = itertools.count(1)
+        # delivery tag -> _Pending, in publish order (the order of confirms).
+        self._pending = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def published(self, exchange: str, routing_key: str, on_done) -> int:
+        """Record a publish just sent; return its delivery tag."""
+        tag = next(self._tags)
+        self._pending[tag] = _Pending(exchange, routing_key, on_done)
+        return tag
+
+    def returned(self, exchange: str, routing_key: str, reason: str) -> None:
+        """A basic.return: the oldest unsettled publish to that destination is unroutable.
+
+        RabbitMQ handles a channel's publishes in order and sends basic.return
+        before the basic.ack of the same message.
+        """
+        for entry in self._pending.values():
+            if (entry.returned is None and entry.routing_key == routing_key
+                    and entry.exchange == exchange):
+                entry.returned = reason
+                return
+
+    def settle(self, delivery_tag: int, multiple: bool, nacked: bool) -> list:
+        """A basic.ack or basic.nack: [(on_done, ok, reason)] of each publish it settles."""
+        if multiple:
+            tags = list(itertools.takewhile(lambda t: t <= delivery_tag, self._pending))
+        else:
+            tags = [delivery_tag] if delivery_tag in self._pending else []
+        settled = []
+        for tag in tags:
+            entry = self._pending.pop(tag)
+            if nacked:
+                settled.append((entry.on_done, False, "the broker refused it (nack)"))
+            elif entry.returned is not None:
+                settled.append((entry.on_done, False, entry.returned))
+            else:
+                settled.append((entry.on_done, True, ""))
+        return settled
+
+
 class ConfirmingPublisher:
-    def __init__(self, connection):
-        """``connection`` is a connected kombu Connection (py-amqp transport)."""
+    def __init__(self, connection, defer):
+        """``connection``: a connected kombu Connection; ``defer(fn)`` runs ``fn()``
+        on the connection's thread once py-amqp's dispatch has returned."""
         self.channel = connection.channel()
         self.channel.confirm_select()
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
         self.channel.events["basic_return"].add(self._on_return)
-        self._connection = self.channel.connection  # py-amqp's: frames are written to it
-        self._encoder = PublishEncoder(self.channel.channel_id, self._connection.frame_max)
-        self._tags = itertools.count(1)
-        # delivery tag -> _Pending, in publish order (the order of confirms).
-        self._pending = OrderedDict()
+        self.confirmations = Confirmations()
+        self._defer = defer
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self.confirmations)
 
     def publish(self, body: bytes, routing_key: str, on_done, exchange: str = "",
                 headers=None, content_type: str = "application/json",
                 content_encoding: str | None = "utf-8",
                 expiration_ms: int | None = None) -> None:
-        """Publish ``body`` (bytes) to ``routing_key``; see the module's contract."""
-        properties = {"content_type": content_type, "content_encoding": content_encoding,
-                      "delivery_mode": 2}  # persistent
+        """Publish ``body`` (bytes) to ``routing_key``, persistent; see the module's contract."""
+        properties = {"content_type": content_type, "delivery_mode": 2}
+        if content_encoding is not None:
+            properties["content_encoding"] = content_encoding
         if headers:
             properties["application_headers"] = dict(headers)
         if expiration_ms is not None:
             properties["expiration"] = str(expiration_ms)
-        if not self.channel.is_open or self._connection.transport is None:
-            raise RecoverableConnectionError("publish: the channel or connection is closed")
-        frames = self._encoder.encode(body, exchange, routing_key, properties, mandatory=True)
-        self._pending[next(self._tags)] = _Pending(exchange, routing_key, on_done)
-        # Written as they are, not through basic_publish, which would encode
-        # each copy's arguments and properties afresh.
-        self._connection.transport.write(frames)
-        self._connection.bytes_sent += 1  # as py-amqp counts: heartbeats see traffic
+        self.confirmations.published(exchange, routing_key, on_done)
+        self.channel.basic_publish(amqp.Message(body, **properties), exchange=exchange,
+                                   routing_key=routing_key, mandatory=True)
 
-    def _settle(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
-        if multiple:
-            tags = list(itertools.takewhile(lambda t: t <= delivery_tag, self._pending))
-        else:
-            tags = [delivery_tag] if delivery_tag in self._pending else []
-        for tag in tags:
-            entry = self._pending.pop(tag)
-            if nacked:
-                entry.on_done(False, "the broker refused it (nack)")
-            elif entry.returned is not None:
-                entry.on_done(False, entry.returned)
-            else:
-                entry.on_done(True, "")
+    def _settled(self, delivery_tag, multiple, nacked) -> None:
+        for on_done, ok, reason in self.confirmations.settle(delivery_tag, multiple, nacked):
+            self._defer(lambda on_done=on_done, ok=ok, reason=reason: on_done(ok, reason))
+
+    # py-amqp's event hooks: called inside its dispatch, so they only record.
 
     def _on_ack(self, delivery_tag, multiple):
-        self._settle(delivery_tag, multiple, nacked=False)
+        self._settled(delivery_tag, multiple, nacked=False)
 
     def _on_nack(self, delivery_tag, multiple):
-        self._settle(delivery_tag, multiple, nacked=True)
+        self._settled(delivery_tag, multiple, nacked=True)
 
     def _on_return(self, exc, exchange, routing_key, message):
-        # RabbitMQ handles a channel's publishes in order and sends basic.return
-        # before the basic.ack of the same message: the message returned is the
-        # oldest one to that destination not yet known to be returned.
-        for entry in self._pending.values():
-            if (entry.returned is None and entry.routing_key == routing_key
-                    and entry.exchange == exchange):
-                entry.returned = (f"unroutable: no queue {routing_key!r} on exchange "
-                                  f"{exchange!r} ({exc})")
-                return
+        self.confirmations.returned(
+            exchange, routing_key,
+            f"unroutable: no queue {routing_key!r} on exchange {exchange!r} ({exc})")
