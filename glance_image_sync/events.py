@@ -64,14 +64,6 @@ class ImageEvent:
             checksum(self.checksum)
             size(self.size)
 
-    def describe(self) -> str:
-        if self.action is Action.PRESENT:
-            return (
-                f"{self.event_type or 'ensure-present'} {self.image_id} "
-                f"(size {self.size}, md5 {self.checksum}, from {self.source or 'any peer'})"
-            )
-        return f"{self.event_type or 'ensure-absent'} {self.image_id}"
-
     def to_wire(self) -> bytes:
         return json.dumps(
             {

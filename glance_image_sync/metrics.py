@@ -69,7 +69,12 @@ TRANSFER_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 
 
 
 class Metrics:
-    """The metrics of one process; ``settings`` None counts only (no broker, no state file)."""
+    """The metrics of one process; ``settings`` None counts only (no broker, no state file).
+
+    The sync worker calls three hooks: ``received(action)`` when it reads an
+    event, ``applied(outcome)`` when an attempt to apply one ends, and
+    ``transfer(peer, size)`` around each fetch.
+    """
 
     def __init__(self, settings=None):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -97,6 +102,13 @@ class Metrics:
             self._broker = _BrokerCollector(settings)
             self.registry.register(self._broker)
             self.registry.register(_NodeStateCollector(settings.store.state_dir))
+
+    def received(self, action: str) -> None:
+        self.events_received.labels(action).inc()
+
+    def applied(self, outcome) -> None:
+        if not outcome.cancelled:  # a shutdown: the event is delivered again
+            self.events_applied.labels("ok" if outcome.ok else "failed").inc()
 
     def set_nodes(self, nodes) -> None:
         """Report the queues of ``nodes`` from the next collection on (SIGHUP)."""
@@ -184,7 +196,10 @@ class _NodeStateCollector:
 
 
 class Exporter:
-    """Makes one registry's metrics available as ``MetricsSettings`` asks."""
+    """Makes one registry's metrics available as ``MetricsSettings`` asks.
+
+    As a context manager (the daemon): served and written while in the block.
+    """
 
     def __init__(self, settings, registry):
         self.settings = settings
@@ -214,6 +229,13 @@ class Exporter:
             self._writer = threading.Thread(target=self._keep_writing, name="metrics",
                                             daemon=True)
             self._writer.start()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def stop(self) -> None:
         if self._server is not None:

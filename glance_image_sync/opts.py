@@ -74,8 +74,10 @@ messaging_opts = [
         "heartbeat",
         default=30,
         min=10,
-        help="AMQP heartbeat in seconds. Below 10 s idle consumers get reset "
-        "(kombu's drain restarts its countdown on every server heartbeat).",
+        help="AMQP heartbeat in seconds. Each side declares the other dead after "
+        "two missed heartbeats; the daemon sends one every heartbeat/4 s. Below "
+        "10 s a short stall of the broker or this host (a busy disk, a VM "
+        "pause) resets healthy connections.",
     ),
     cfg.IntOpt(
         "consumer_timeout",
@@ -191,7 +193,9 @@ transfer_opts = [
         item_type=types.Integer(min=1),
         default=[10, 60, 300, 1800],
         help="Seconds before a failed transfer is tried again, by attempt; the "
-        "last value repeats. Each gets +-20% jitter.",
+        "last value repeats. Each wait is shortened at random by up to 20 % (never "
+        "lengthened: the retry queue's TTL is the longest), so retries of many "
+        "images do not all come back at once.",
     ),
     cfg.IntOpt(
         "max_attempts",

@@ -12,7 +12,7 @@ from glance_image_sync import cmd as cli
 from glance_image_sync import service
 from glance_image_sync.broker import topology
 from glance_image_sync.fanout import notifications
-from glance_image_sync.sync import session as app
+from glance_image_sync.fanout.consumer import fanout_loop
 from tests.fixtures import notification_files
 from tests.test_notifications import EXPECTED
 from tools.localcluster import rabbitmqctl, wait_for
@@ -61,7 +61,7 @@ def publish(vhost, bodies, routing_key="glance_notifications.info"):
 
 def test_every_captured_notification_is_fanned_out_as_its_event(vhost, tmp_path):
     settings = settings_for(vhost, tmp_path)
-    loop = app.fanout_loop(settings, once=True)
+    loop = fanout_loop(settings, once=True)
     loop.run()  # declares the exchange and queue the way Glance would
     publish(vhost, [body for _, body in notification_files()])
     loop.run()
@@ -82,7 +82,7 @@ def test_every_captured_notification_is_fanned_out_as_its_event(vhost, tmp_path)
 
 
 def test_glances_exchange_is_never_made_durable_and_glance_can_still_publish(vhost, tmp_path):
-    loop = app.fanout_loop(settings_for(vhost, tmp_path), once=True)
+    loop = fanout_loop(settings_for(vhost, tmp_path), once=True)
     loop.run()
     loop.close()
     assert exchange_flags(vhost) == {"glance": "false"}
@@ -94,7 +94,7 @@ def test_glances_exchange_is_never_made_durable_and_glance_can_still_publish(vho
 def test_an_existing_durable_setup_is_used_as_it_is(vhost, tmp_path):
     # Glance with amqp_durable_queues = true declared everything durable first.
     _oslo_notify(vhost, durable=True)
-    loop = app.fanout_loop(settings_for(vhost, tmp_path), once=True)  # configured non-durable
+    loop = fanout_loop(settings_for(vhost, tmp_path), once=True)  # configured non-durable
     loop.run()
     loop.close()
     assert exchange_flags(vhost) == {"glance": "true"}
@@ -128,7 +128,7 @@ def test_a_copy_that_cannot_be_routed_leaves_the_notification_for_a_redelivery(v
                                                                               tmp_path):
     settings = settings_for(vhost, tmp_path)
     stop = threading.Event()
-    loop = app.fanout_loop(settings, stop_event=stop)
+    loop = fanout_loop(settings, stop_event=stop)
     thread = threading.Thread(target=loop.run)
     thread.start()
     try:
@@ -156,7 +156,7 @@ def test_a_body_in_a_hostile_encoding_is_dead_lettered_as_the_bytes_that_came(vh
     raw_unicode_escape gives text that cannot be encoded back, which once
     stopped the fan-out at that message, every time it was redelivered."""
     settings = settings_for(vhost, tmp_path)
-    loop = app.fanout_loop(settings, once=True)
+    loop = fanout_loop(settings, once=True)
     loop.run()
     hostile = [("raw_unicode_escape", b"\\ud800 not json"), ("latin-1", b"caf\xe9"),
                ("utf-16", '{"event_type": "image.upload"}'.encode("utf-16"))]
@@ -190,7 +190,7 @@ def test_a_message_that_meets_a_bug_is_dead_lettered_and_the_rest_go_on(vhost, t
                                                                       monkeypatch):
     """A daemon that stopped on it would meet it again after every restart."""
     settings = settings_for(vhost, tmp_path)
-    loop = app.fanout_loop(settings, once=True)
+    loop = fanout_loop(settings, once=True)
     loop.run()
     parse = notifications.parse
 

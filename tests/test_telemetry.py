@@ -1,6 +1,7 @@
 """The node state file and the metrics, without a broker (unit tests)."""
 
 import json
+import logging
 import os
 import threading
 
@@ -13,7 +14,8 @@ from glance_image_sync.exceptions import NodeStateError, TransferCancelled, Tran
 from glance_image_sync.metrics import Metrics
 from glance_image_sync.state import nodestate
 from glance_image_sync.sync.apply import Outcome
-from glance_image_sync.telemetry import Telemetry
+from glance_image_sync.sync.worker import SyncWorker
+from tests.helpers import settings_for
 
 IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
 EVENT = ImageEvent(Action.PRESENT, IMAGE, "node1", "0" * 32, 1000)
@@ -83,35 +85,48 @@ def test_a_damaged_record_is_reported_by_load_and_replaced_by_the_next_outcome(t
                                                "detail": "disk full"}
 
 
-def test_telemetry_counts_events_and_records_outcomes_but_not_cancellations(tmp_path):
-    telemetry = Telemetry(Metrics(), nodestate.NodeState(str(tmp_path)))
-    telemetry.received("present")
-    telemetry.received("present")
-    telemetry.received("rejected")
-    telemetry.applied(EVENT, Outcome(True, "installed from node1", changed=True))
-    telemetry.applied(EVENT, Outcome(False, "node1: timeout"))
-    telemetry.applied(EVENT, Outcome(False, "cancelled", cancelled=True))
-    telemetry.applied(EVENT, Outcome(True, "already in place"))  # counted, not recorded
+def test_events_are_counted_as_received_and_applied_but_not_cancellations():
+    metrics = Metrics()
+    metrics.received("present")
+    metrics.received("present")
+    metrics.received("rejected")
+    metrics.applied(Outcome(True, "installed from node1", changed=True))
+    metrics.applied(Outcome(False, "node1: timeout"))
+    metrics.applied(Outcome(False, "cancelled", cancelled=True))
+    metrics.applied(Outcome(True, "already in place"))
 
-    got = samples(telemetry.metrics.registry)
+    got = samples(metrics.registry)
     assert got[("glance_image_sync_events_received_total", (("action", "present"),))] == 2
     assert got[("glance_image_sync_events_received_total", (("action", "rejected"),))] == 1
     assert got[("glance_image_sync_events_received_total", (("action", "absent"),))] == 0
     assert got[("glance_image_sync_events_applied_total", (("result", "ok"),))] == 2
     assert got[("glance_image_sync_events_applied_total", (("result", "failed"),))] == 1
+
+
+def _worker(tmp_path, state_dir):
+    return SyncWorker(settings_for(tmp_path), image_sync=None, dispatcher=None,
+                      node_state=nodestate.NodeState(str(state_dir)))
+
+
+def test_changes_and_errors_are_recorded_for_status_no_ops_and_cancellations_not(tmp_path):
+    worker = _worker(tmp_path, tmp_path)
+    worker._record(EVENT, Outcome(True, "installed from node1", changed=True))
+    worker._record(EVENT, Outcome(False, "node1: timeout"))
+    worker._record(EVENT, Outcome(False, "cancelled", cancelled=True))
+    worker._record(EVENT, Outcome(True, "already in place"))
     snapshot = nodestate.load(str(tmp_path))
     assert snapshot.last_success.detail == "installed from node1"
     assert snapshot.last_error.detail == "node1: timeout"
 
 
-def test_an_unwritable_state_dir_is_logged_and_syncing_goes_on(tmp_path):
+def test_an_unwritable_state_dir_is_logged_and_syncing_goes_on(tmp_path, caplog):
     state_dir = tmp_path / "gone"
     state_dir.mkdir()
-    telemetry = Telemetry(Metrics(), nodestate.NodeState(str(state_dir)))
+    worker = _worker(tmp_path, state_dir)
+    logging.getLogger().addHandler(caplog.handler)  # oslo.log's set-up removed it
     state_dir.rmdir()
-    telemetry.applied(EVENT, Outcome(True, "installed from node1", changed=True))  # no raise
-    got = samples(telemetry.metrics.registry)
-    assert got[("glance_image_sync_events_applied_total", (("result", "ok"),))] == 1
+    worker._record(EVENT, Outcome(True, "installed from node1", changed=True))  # no raise
+    assert f"cannot record the outcome for image {IMAGE}" in caplog.text
 
 
 def test_transfers_are_counted_by_peer_and_result_and_timed_when_installed():

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 from dataclasses import asdict, dataclass
 
 from glance_image_sync import events
+from glance_image_sync.admin.tables import table
 from glance_image_sync.broker import connection as broker
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.consumer import NODE_HEADER, QUEUE_HEADER, REASON_HEADER
 from glance_image_sync.broker.publisher import ConfirmingPublisher
-from glance_image_sync.exceptions import Rejected
+from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, Rejected
 from glance_image_sync.sync.worker import ATTEMPT_HEADER, ERROR_HEADER
 
 REPLAYED_HEADER = "x-gis-replayed"
@@ -110,6 +112,27 @@ def render(parked: list, fmt: str) -> str:
     rows = [("IMAGE", "ACTION", "EVENT", "ATTEMPTS", "LAST ERROR")]
     rows += [(p.image_id, p.action, p.event_type,
               "-" if p.attempts is None else str(p.attempts), p.error[:120]) for p in parked]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
-                     + "  " + row[4] for row in rows)
+    return "\n".join(table(rows))
+
+
+def main(args, settings, out=None) -> int:
+    """The command: ``failed list`` or ``failed replay``."""
+    out = out or sys.stdout
+    node = settings.nodes.this
+    try:
+        connection = broker.connect(settings.broker)
+    except broker.ERRORS as exc:
+        unreachable = exc
+    else:
+        with connection:
+            if args.action == "replay":
+                moved = replay(connection, node, settings.nodes, set(args.image_ids) or None)
+                out.write(f"{moved} failed events of {node} back in "
+                          f"{topology.node_queue_name(node)}\n")
+                return EXIT_OK
+            queue = (topology.DEAD_LETTER_QUEUE if args.dead_letter
+                     else topology.failed_queue_name(node))
+            out.write(render(browse(connection, queue, settings.nodes), args.format) + "\n")
+            return EXIT_OK
+    print(f"glance-image-sync: cannot reach the broker: {unreachable}", file=sys.stderr)
+    return EXIT_FAILED

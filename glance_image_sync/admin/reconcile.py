@@ -46,9 +46,16 @@ from dataclasses import dataclass, field
 
 from oslo_log import log as logging
 
-from glance_image_sync.admin.status import plural
+from glance_image_sync.admin.tables import plural, table
 from glance_image_sync.broker import queues as queuestats
-from glance_image_sync.exceptions import BrokerUnavailable, ConfigError, StoreError, TransferFailed
+from glance_image_sync.exceptions import (
+    EXIT_FAILED,
+    EXIT_OK,
+    BrokerUnavailable,
+    ConfigError,
+    StoreError,
+    TransferFailed,
+)
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
 from glance_image_sync.transfer import listing
@@ -297,12 +304,8 @@ def render_table(survey: Survey) -> str:
         columns = ["image", "finding", "here", *peers, "action"]
         rows = [[f.image_id, f.kind, _size(f.here), *(_size(f.peers.get(p)) for p in peers),
                  f.action or "-"] for f in survey.findings]
-        widths = [max(len(str(row[i])) for row in [columns, *rows])
-                  for i in range(len(columns) - 1)]
         lines.append("")
-        for row in [columns, *rows]:
-            lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths))
-                         + "  " + row[-1])
+        lines += table([columns, *rows])
     lines.append("")
     lines.append(summary(survey))
     return "\n".join(lines) + "\n"
@@ -371,4 +374,4 @@ def main(args, settings, out=None) -> int:
     finally:
         store.close()
     out.write(render_json(survey) if args.format == "json" else render_table(survey))
-    return 0 if survey.ok else 1
+    return EXIT_OK if survey.ok else EXIT_FAILED

@@ -24,12 +24,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from glance_image_sync.admin.tables import iso, plural, table, when
 from glance_image_sync.broker import queues as queuestats
-from glance_image_sync.exceptions import BrokerUnavailable, NodeStateError
+from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, BrokerUnavailable, NodeStateError
 from glance_image_sync.state import nodestate
 from glance_image_sync.state.nodestate import Snapshot
-
-EXIT_OK, EXIT_ATTENTION = 0, 1
 
 
 @dataclass
@@ -89,13 +88,13 @@ def problems(report: Report) -> list:
     success, error = report.snapshot.last_success, report.snapshot.last_error
     if error and (success is None or error.time > success.time):
         found.append(f"the last event applied on {report.node} failed "
-                     f"({_when(error.time, report.now)}, image {error.image_id}: "
+                     f"({when(error.time, report.now)}, image {error.image_id}: "
                      f"{error.detail})")
     return found
 
 
 def exit_status(report: Report) -> int:
-    return EXIT_ATTENTION if report.problems else EXIT_OK
+    return EXIT_FAILED if report.problems else EXIT_OK
 
 
 # -- showing it --------------------------------------------------------------
@@ -112,10 +111,7 @@ def render_table(report: Report) -> str:
             rows.append([node.node + (" *" if node.node == report.node else ""),
                          _count(node.queue.messages), _count(node.queue.consumers),
                          str(node.retry_messages), _count(node.failed.messages)])
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            lines.append(row[0].ljust(widths[0]) + "".join(
-                "  " + cell.rjust(width) for cell, width in zip(row[1:], widths[1:])))
+        lines += table(rows, right=range(1, len(rows[0])))
         notifications = overview.notifications
         lines += [
             "",
@@ -168,34 +164,14 @@ def _queue(queue) -> dict:
 def _record_doc(record) -> dict | None:
     if record is None:
         return None
-    return {"time": record.time, "iso": _iso(record.time), "image_id": record.image_id,
+    return {"time": record.time, "iso": iso(record.time), "image_id": record.image_id,
             "detail": record.detail}
 
 
 def _record(record, now) -> str:
     if record is None:
         return "never"
-    return f"{_when(record.time, now)}, image {record.image_id}: {record.detail}"
-
-
-def _when(when: float, now: float) -> str:
-    return f"{_iso(when)} ({_ago(now - when)})"
-
-
-def _iso(when: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S%z", time.localtime(when))
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return f"{seconds} s ago"
-
-
-def plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
+    return f"{when(record.time, now)}, image {record.image_id}: {record.detail}"
 
 
 def _count(value) -> str:

@@ -23,8 +23,11 @@ from oslo_log import log as logging
 
 from glance_image_sync.daemon.systemd import SystemdNotifier, watchdog_interval
 from glance_image_sync.exceptions import AlreadyRunning
+from glance_image_sync.fanout.consumer import fanout_loop
+from glance_image_sync.metrics import Exporter
 from glance_image_sync.nodes import Nodes
-from glance_image_sync.sync import session as app
+from glance_image_sync.state.runlock import RunLock
+from glance_image_sync.sync.session import sync_loop
 
 LOG = logging.getLogger(__name__)
 
@@ -70,16 +73,15 @@ class Supervisor:
             signal.signal(signal.SIGINT, self.request_stop)
             signal.signal(signal.SIGHUP, self.request_reload)
         try:
-            lock = app.run_lock(self.settings)
+            lock = RunLock.in_dir(self.settings.store.state_dir)
             lock.acquire()
         except AlreadyRunning as exc:
             LOG.error("not starting: %s", exc)
             return 1
         try:
-            with app.sync_loop(self.settings, self.stop_event) as sync_loop, \
-                    app.exporting(self.settings, sync_loop):
-                fanout_loop = app.fanout_loop(self.settings, self.stop_event)
-                self.loops = [fanout_loop, sync_loop]
+            with sync_loop(self.settings, self.stop_event) as syncing, \
+                    Exporter(self.settings.metrics, syncing.component.metrics.registry):
+                self.loops = [fanout_loop(self.settings, self.stop_event), syncing]
                 for loop in self.loops:
                     loop.on_change = self._attention.set
                 threads = [threading.Thread(target=self._run_loop, args=(loop,),

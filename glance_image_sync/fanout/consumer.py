@@ -19,6 +19,7 @@ from oslo_log import log as logging
 
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.consumer import QueueConsumer
+from glance_image_sync.broker.loop import ConnectionLoop
 from glance_image_sync.events import Ignored
 from glance_image_sync.exceptions import Reconnect, Rejected
 from glance_image_sync.fanout import notifications
@@ -77,3 +78,8 @@ class FanOut(QueueConsumer):
         for node in self.nodes.all:
             self.publisher.publish(body, topology.node_queue_name(node),
                                    on_done=lambda ok, reason, node=node: copied(node, ok, reason))
+
+
+def fanout_loop(settings, stop_event=None, once=False) -> ConnectionLoop:
+    """The fan-out on a connection of its own (the daemon's thread, or a cron run)."""
+    return ConnectionLoop("fan-out", FanOut(settings), settings.broker, stop_event, once)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from glance_image_sync.exceptions import AlreadyRunning
+from glance_image_sync.exceptions import AlreadyRunning, ConfigError
 
 
 class RunLock:
@@ -23,6 +23,11 @@ class RunLock:
 
     @classmethod
     def in_dir(cls, state_dir: str) -> RunLock:
+        """The node's run lock, ``<state_dir>/lock``; state_dir is created if missing."""
+        try:
+            os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create state_dir {state_dir}: {exc.strerror}") from None
         return cls(os.path.join(state_dir, "lock"))
 
     def acquire(self) -> None:

@@ -16,7 +16,7 @@ from oslo_log import log as logging
 
 from glance_image_sync.events import Action
 from glance_image_sync.exceptions import DiskFull, StoreError, TransferCancelled, TransferFailed
-from glance_image_sync.telemetry import Telemetry
+from glance_image_sync.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
 
@@ -30,12 +30,12 @@ class Outcome:
 
 
 class ImageSync:
-    def __init__(self, nodes, store, rsync, tombstones, telemetry=None):
+    def __init__(self, nodes, store, rsync, tombstones, metrics=None):
         self.nodes = nodes
         self.store = store
         self.rsync = rsync
         self.tombstones = tombstones
-        self.telemetry = telemetry or Telemetry()
+        self.metrics = metrics or Metrics()
 
     def apply(self, event) -> Outcome:
         if event.action is Action.ABSENT:
@@ -94,7 +94,7 @@ class ImageSync:
             self.rsync.fetch(node, event.image_id, path, event.size)
 
         try:
-            with self.telemetry.transfer(node, event.size):
+            with self.metrics.transfer(node, event.size):
                 self.store.install(event.image_id, event.size, event.checksum, fetch)
         except (TransferFailed, StoreError) as exc:
             return exc

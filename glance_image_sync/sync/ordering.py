@@ -51,12 +51,6 @@ class OrderedDispatcher:
                     del self._queues[key]
                     job = None
 
-    @property
-    def busy(self) -> int:
-        """Keys with a job running or waiting."""
-        with self._lock:
-            return len(self._queues)
-
     def shutdown(self) -> None:
         """Drop waiting jobs and wait for the running ones to return."""
         with self._lock:

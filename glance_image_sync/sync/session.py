@@ -1,59 +1,27 @@
-"""Wiring: the fan-out and the sync worker, built from Settings.
+"""The sync worker's loop, with the store, transfers and threads it works with.
 
-Shared by the one-shot commands and the daemon, so both run the same code.
+Opened and closed together: the daemon and the one-shot ``sync-images`` run
+the same code.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 from oslo_log import log as logging
 
 from glance_image_sync.broker.loop import ConnectionLoop
 from glance_image_sync.exceptions import ConfigError, StoreError
-from glance_image_sync.fanout.consumer import FanOut
-from glance_image_sync.metrics import Exporter, Metrics
+from glance_image_sync.metrics import Metrics
 from glance_image_sync.state.nodestate import NodeState
-from glance_image_sync.state.runlock import RunLock
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
 from glance_image_sync.sync.apply import ImageSync
 from glance_image_sync.sync.ordering import OrderedDispatcher
 from glance_image_sync.sync.worker import SyncWorker
-from glance_image_sync.telemetry import Telemetry
 from glance_image_sync.transfer.rsync import Rsync
 
 LOG = logging.getLogger(__name__)
-
-
-def run_lock(settings) -> RunLock:
-    try:
-        os.makedirs(settings.store.state_dir, mode=0o750, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create state_dir {settings.store.state_dir}: "
-                          f"{exc.strerror}") from None
-    return RunLock.in_dir(settings.store.state_dir)
-
-
-def fanout_loop(settings, stop_event=None, once=False) -> ConnectionLoop:
-    return ConnectionLoop("fan-out", FanOut(settings), settings.broker, stop_event, once)
-
-
-@contextmanager
-def exporting(settings, loop):
-    """The sync loop's metrics served and written as configured, while in the block."""
-    exporter = Exporter(settings.metrics, loop.component.telemetry.metrics.registry)
-    exporter.start()
-    try:
-        yield exporter
-    finally:
-        exporter.stop()
-
-
-def write_metrics(settings, loop) -> None:
-    """A one-shot run's metrics into the textfile, if one is configured."""
-    Exporter(settings.metrics, loop.component.telemetry.metrics.registry).write_textfile()
 
 
 @contextmanager
@@ -75,9 +43,10 @@ def sync_loop(settings, stop_event=None, once=False):
                         settings.store.datadir)
         tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
         tombstones.prune()
-        telemetry = Telemetry(Metrics(settings), NodeState(settings.store.state_dir))
-        image_sync = ImageSync(settings.nodes, store, rsync, tombstones, telemetry)
-        worker = SyncWorker(settings, image_sync, dispatcher, telemetry)
+        metrics = Metrics(settings)
+        image_sync = ImageSync(settings.nodes, store, rsync, tombstones, metrics)
+        worker = SyncWorker(settings, image_sync, dispatcher, metrics,
+                            NodeState(settings.store.state_dir))
         loop = ConnectionLoop("sync", worker, settings.broker, stop_event, once)
         yield loop
     finally:

@@ -29,8 +29,8 @@ from glance_image_sync import events
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.consumer import QueueConsumer
 from glance_image_sync.exceptions import Reconnect, Rejected
+from glance_image_sync.metrics import Metrics
 from glance_image_sync.sync.apply import Outcome
-from glance_image_sync.telemetry import Telemetry
 
 LOG = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ def retry_delay(delays, attempts: int) -> int:
 class SyncWorker(QueueConsumer):
     name = "sync"
 
-    def __init__(self, settings, image_sync, dispatcher, telemetry=None):
+    def __init__(self, settings, image_sync, dispatcher, metrics=None, node_state=None):
         super().__init__(settings)
         self.image_sync = image_sync
         self.dispatcher = dispatcher
-        self.telemetry = telemetry or Telemetry()
+        self.metrics = metrics or Metrics()
+        self.node_state = node_state  # a NodeState, or None to keep no record
         self.prefetch = max(16, 4 * settings.max_parallel)
         self.refresh_after = settings.broker.consumer_timeout / 2
         self.delays = sorted(set(settings.topology.retry_delays))
@@ -64,7 +65,6 @@ class SyncWorker(QueueConsumer):
         self.last_success = None
         self.last_error = None
         self.failed_attempts = 0
-        self.parked = 0
 
     def declare(self, connection, channel):
         topology.declare_own_queues(channel, [self.nodes.this], self.settings.topology)
@@ -73,7 +73,7 @@ class SyncWorker(QueueConsumer):
     def set_nodes(self, nodes) -> None:
         super().set_nodes(nodes)
         self.image_sync.nodes = nodes
-        self.telemetry.set_nodes(nodes)
+        self.metrics.set_nodes(nodes)
 
     def connection_lost(self) -> None:
         super().connection_lost()
@@ -83,10 +83,10 @@ class SyncWorker(QueueConsumer):
         try:
             event = events.from_wire(delivery.message.body, self.nodes)
         except Rejected as exc:
-            self.telemetry.received("rejected")
+            self.metrics.received("rejected")
             self.dead_letter(delivery, f"event: {exc.reason}")
             return
-        self.telemetry.received(event.action.value)
+        self.metrics.received(event.action.value)
         attempts = attempts_of(delivery.message)
         self._held[id(delivery)] = delivery
         self.dispatcher.submit(event.image_id,
@@ -99,8 +99,27 @@ class SyncWorker(QueueConsumer):
         except Exception as exc:  # noqa: BLE001 - reported as a failed attempt
             LOG.exception("image %s: unexpected error on %s", event.image_id, self.nodes.this)
             outcome = Outcome(False, f"unexpected error: {exc}")
-        self.telemetry.applied(event, outcome)
+        self.metrics.applied(outcome)
+        self._record(event, outcome)
         self.loop.call_soon(lambda: self._applied(delivery, event, attempts, outcome))
+
+    def _record(self, event, outcome) -> None:
+        """This node's last success or last error, for ``status`` (on the transfer thread,
+        so the state file's fsync never delays the connection's)."""
+        # A no-op (already in place, already gone) is no news for status, and
+        # Glance sends image.update on every property change: recording each
+        # would cost two fsyncs per event.
+        if self.node_state is None or outcome.cancelled or (outcome.ok and not outcome.changed):
+            return
+        record = self.node_state.record_success if outcome.ok else self.node_state.record_error
+        try:
+            record(event.image_id, outcome.detail)
+        except OSError as exc:
+            failure = exc
+        else:
+            return
+        LOG.warning("cannot record the outcome for image %s in %s: %s", event.image_id,
+                    self.node_state.state_dir, failure)
 
     def _applied(self, delivery, event, attempts, outcome) -> None:
         """Back on the connection thread."""
@@ -125,7 +144,6 @@ class SyncWorker(QueueConsumer):
     def _retry_or_park(self, delivery, event, attempts, error) -> None:
         headers = {ATTEMPT_HEADER: attempts, ERROR_HEADER: error[:500]}
         if attempts >= self.settings.max_attempts:
-            self.parked += 1
             LOG.error("image %s: giving up on %s after %d attempts (%s); parked in %s",
                       event.image_id, self.nodes.this, attempts, error,
                       topology.failed_queue_name(self.nodes.this))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from glance_image_sync import events
 from glance_image_sync.exceptions import Rejected, TransferFailed
-from glance_image_sync.transfer.rsync import run_rsync, ssh_command
+from glance_image_sync.transfer.rsync import remote_path, run_rsync, ssh_command
 
 # "-rw-r-----      4194304 2024/05/01 10:42:07 <name>" (with --no-human-readable)
 _LIST_RE = re.compile(r"(?P<type>\S)\S{9}\s+(?P<size>\d+)\s+"
@@ -39,20 +39,16 @@ class Entry:
     mtime: float  # seconds since the epoch, to the second
 
 
-def _remote(settings, node: str, name: str = "") -> str:
-    return f"{settings.user}@{node}:{settings.remote_datadir}/{name}"
-
-
 def list_argv(settings, node: str) -> list:
     return ["rsync", "--list-only", "--no-human-readable", f"--timeout={settings.io_timeout}",
-            "-e", ssh_command(settings), "--", _remote(settings, node)]
+            "-e", ssh_command(settings), "--", remote_path(settings, node)]
 
 
 def md5_argv(settings, node: str, image_id: str, dest_dir: str) -> list:
     return ["rsync", "--dry-run", "--checksum", "--checksum-choice=md5",
             "--out-format=%C %l %n", f"--timeout={settings.io_timeout}",
             "-e", ssh_command(settings), "--",
-            _remote(settings, node, events.image_id(image_id)), dest_dir + "/"]
+            remote_path(settings, node, image_id), dest_dir + "/"]
 
 
 def parse_listing(text: str) -> dict:

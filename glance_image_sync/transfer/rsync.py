@@ -98,9 +98,15 @@ def rsync_argv(settings, node: str, image_ids, dest: str) -> list:
     ]
     if settings.bwlimit:
         argv.append(f"--bwlimit={settings.bwlimit}")
-    argv += ["--", *(f"{settings.user}@{node}:{settings.remote_datadir}/{image_id}"
-                     for image_id in ids), dest]
+    argv += ["--", *(remote_path(settings, node, image_id) for image_id in ids), dest]
     return argv
+
+
+def remote_path(settings, node: str, image_id: str = "") -> str:
+    """rsync's operand for a peer's store (``image_id`` empty) or one image in it."""
+    if image_id:
+        events.image_id(image_id)
+    return f"{settings.user}@{node}:{settings.remote_datadir}/{image_id}"
 
 
 def subprocess_env() -> dict:

@@ -1,0 +1,48 @@
+"""How the operator commands put things in words: tables, counts, times."""
+
+from __future__ import annotations
+
+import time
+
+
+def table(rows, right=()) -> list:
+    """``rows`` (the header first) as lines of aligned columns, two spaces apart.
+
+    Columns whose index is in ``right`` are aligned right (numbers); the last
+    column is never padded, so no line ends in spaces.
+    """
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            if i in right:
+                cells.append(cell.rjust(widths[i]))
+            elif i == len(row) - 1:
+                cells.append(cell)
+            else:
+                cells.append(cell.ljust(widths[i]))
+        lines.append("  ".join(cells))
+    return lines
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def iso(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S%z", time.localtime(when))
+
+
+def ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def when(moment: float, now: float) -> str:
+    """``2026-11-26 06:39:14+0000 (1 s ago)``."""
+    return f"{iso(moment)} ({ago(now - moment)})"

@@ -1,0 +1,78 @@
+"""The cron commands: ``duplicate-notifications``, ``sync-images``, ``both``.
+
+Each drains its queue and exits; the run lock keeps two runs (or a run and
+the daemon) from working on one node at once.
+"""
+
+from __future__ import annotations
+
+from oslo_log import log as logging
+
+from glance_image_sync.exceptions import (
+    EXIT_FAILED,
+    EXIT_OK,
+    AlreadyRunning,
+    BrokerUnavailable,
+)
+from glance_image_sync.fanout.consumer import fanout_loop
+from glance_image_sync.metrics import Exporter
+from glance_image_sync.state.runlock import RunLock
+from glance_image_sync.sync.session import sync_loop
+
+LOG = logging.getLogger(__name__)
+
+
+def duplicate_notifications(settings) -> bool:
+    loop = fanout_loop(settings, once=True)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    LOG.info("duplicate-notifications: %d notifications handled, %d rejected",
+             loop.component.handled, loop.component.rejected)
+    return loop.component.rejected == 0
+
+
+def sync_images(settings) -> bool:
+    with sync_loop(settings, once=True) as loop:
+        try:
+            loop.run()
+        finally:
+            loop.close()
+            Exporter(settings.metrics, loop.component.metrics.registry).write_textfile()
+    worker = loop.component
+    LOG.info("sync-images: %d events handled, %d failed attempts, %d rejected",
+             worker.handled, worker.failed_attempts, worker.rejected)
+    return worker.failed_attempts == 0 and worker.rejected == 0
+
+
+STEPS = {
+    "duplicate-notifications": (
+        [duplicate_notifications],
+        "copy Glance's notifications into every node's queue, then exit"),
+    "sync-images": (
+        [sync_images], "apply this node's queued events to its image store, then exit"),
+    "both": ([duplicate_notifications, sync_images], "duplicate-notifications, then sync-images"),
+}
+
+
+def add_parsers(subparsers) -> None:
+    for name, (steps, text) in STEPS.items():
+        subparsers.add_parser(name, help=text).set_defaults(
+            run=lambda conf, settings, steps=steps: run(settings, steps))
+
+
+def run(settings, steps) -> int:
+    try:
+        with RunLock.in_dir(settings.store.state_dir):
+            ok = True
+            for step in steps:
+                ok = step(settings) and ok
+            return EXIT_OK if ok else EXIT_FAILED
+    except AlreadyRunning as exc:
+        LOG.info("not running: %s", exc)
+        return EXIT_OK
+    except BrokerUnavailable as exc:
+        unreachable = exc
+    LOG.error("cannot reach the broker: %s", unreachable)
+    return EXIT_FAILED
