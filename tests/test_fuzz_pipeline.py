@@ -53,7 +53,7 @@ from glance_image_sync.settings import StoreSettings, TransferSettings
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import TEMP_PREFIX, ImageStore
 from glance_image_sync.sync.apply import ImageSync, Outcome
-from glance_image_sync.transfer.rsync import Rsync
+from glance_image_sync.transfer.sessions import Rsync
 
 NODES = Nodes(["node1", "kube2.example.com", "node3"], "kube2")
 PEERS = ("node1", "node3")

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-import glance_image_sync.store.images as store_module
 from glance_image_sync.exceptions import DiskFull, Rejected, StoreError, VerificationFailed
 from glance_image_sync.settings import StoreSettings
+from glance_image_sync.store import checksum
 from glance_image_sync.store.images import TEMP_PREFIX, ImageStore
 from tools.localcluster import wait_for
 
@@ -93,22 +93,22 @@ def test_bytes_rewritten_behind_the_md5_follower_are_read_again(store, monkeypat
         os.chmod(path, 0o640)
 
     follower_offsets = []
-    real = store_module.Md5Follower
+    real = checksum.Md5Follower
 
     class Watched(real):
         def __init__(self, fd):
             super().__init__(fd)
             follower_offsets.append(lambda: self._offset)
 
-    monkeypatch.setattr(store_module, "Md5Follower", Watched)
+    monkeypatch.setattr(checksum, "Md5Follower", Watched)
     store.install(IMAGE, len(DATA), MD5, fetch)
     assert store.verify(IMAGE, len(DATA), MD5)
 
 
 def test_the_md5_is_computed_while_the_copy_arrives(store, monkeypatch):
     reads = []
-    real = store_module.md5_of_fd
-    monkeypatch.setattr(store_module, "md5_of_fd", lambda fd: reads.append(fd) or real(fd))
+    real = checksum.md5_of_fd
+    monkeypatch.setattr(checksum, "md5_of_fd", lambda fd: reads.append(fd) or real(fd))
     store.install(IMAGE, len(DATA), MD5, _writer(DATA))
     assert reads == []  # no second pass over the file
 
@@ -166,8 +166,8 @@ def test_remove_deletes_only_a_regular_file_named_by_the_uuid(store, tmp_path):
 def test_verification_is_cached_until_the_file_changes(store, monkeypatch):
     store.install(IMAGE, len(DATA), MD5, _writer(DATA))
     reads = []
-    real = store_module.md5_of_fd
-    monkeypatch.setattr(store_module, "md5_of_fd", lambda fd: reads.append(fd) or real(fd))
+    real = checksum.md5_of_fd
+    monkeypatch.setattr(checksum, "md5_of_fd", lambda fd: reads.append(fd) or real(fd))
     for _ in range(100):
         assert store.verify(IMAGE, len(DATA), MD5)
     assert reads == []  # install recorded the md5 it computed
@@ -202,16 +202,16 @@ def test_a_staging_directory_left_by_a_killed_run_goes_at_start_up_only(store):
 def test_a_copy_in_place_is_checked_at_the_lowest_cpu_priority(store, monkeypatch):
     (pathlib.Path(store.datadir) / IMAGE).write_bytes(DATA)
     seen = []
-    real = store_module.md5_of_fd
+    real = checksum.md5_of_fd
 
     def watched(fd):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return real(fd)
 
-    monkeypatch.setattr(store_module, "md5_of_fd", watched)
+    monkeypatch.setattr(checksum, "md5_of_fd", watched)
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert store.verify(IMAGE, len(DATA), MD5)
-    assert seen == [store_module.CHECK_NICENESS]
+    assert seen == [checksum.CHECK_NICENESS]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
@@ -219,6 +219,6 @@ def test_a_failing_check_raises_on_the_callers_thread(monkeypatch):
     def broken(fd):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store_module, "md5_of_fd", broken)
+    monkeypatch.setattr(checksum, "md5_of_fd", broken)
     with pytest.raises(OSError, match="Input/output error"):
-        store_module.md5_of_fd_yielding(0)
+        checksum.md5_of_fd_yielding(0)

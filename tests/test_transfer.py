@@ -12,14 +12,11 @@ from glance_image_sync.exceptions import Rejected, TransferFailed
 from glance_image_sync.settings import TransferSettings
 from glance_image_sync.transfer.rsync import (
     CONTROL_DIR_MAX,
-    SESSIONS_PER_PEER,
-    Rsync,
-    _Batch,
-    _failure_of,
-    _first_line,
+    first_line,
     rsync_argv,
     subprocess_env,
 )
+from glance_image_sync.transfer.sessions import SESSIONS_PER_PEER, Rsync, _Batch, _failure_of
 from tools.localcluster import wait_for
 
 SETTINGS = TransferSettings(user="glance", ssh_config_file="/etc/glance/ssh_config",
@@ -72,9 +69,9 @@ def test_a_changed_host_key_is_named_in_the_error_not_hidden_behind_its_frame():
               "IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n"
               "Host key verification failed.\n"
               "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]\n")
-    assert _first_line(stderr) == "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!"
-    assert _first_line("\n  \n") == "no message"
-    assert _first_line('rsync: link_stat "/x" failed: No such file or directory (2)\n') == \
+    assert first_line(stderr) == "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!"
+    assert first_line("\n  \n") == "no message"
+    assert first_line('rsync: link_stat "/x" failed: No such file or directory (2)\n') == \
         'rsync: link_stat "/x" failed: No such file or directory (2)'
 
 

@@ -60,7 +60,7 @@ from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
 from glance_image_sync.transfer import listing
 from glance_image_sync.transfer.listing import Entry
-from glance_image_sync.transfer.rsync import Rsync
+from glance_image_sync.transfer.sessions import Rsync
 
 LOG = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from glance_image_sync.store.images import ImageStore
 from glance_image_sync.sync.apply import ImageSync
 from glance_image_sync.sync.ordering import OrderedDispatcher
 from glance_image_sync.sync.worker import SyncWorker
-from glance_image_sync.transfer.rsync import Rsync
+from glance_image_sync.transfer.sessions import Rsync
 
 LOG = logging.getLogger(__name__)
 
