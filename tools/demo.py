@@ -35,7 +35,7 @@ def show_stores(cluster, image_id):
 def main() -> int:
     say("starting a three-node cluster on this machine: per node a mount namespace with its "
         "own /var/lib/glance/images, an sshd and a glance-image-sync daemon; one RabbitMQ")
-    # The addresses DESIGN.md names: 127.0.0.11, .12, .13.
+    # The loopback addresses doc/architecture.rst names: 127.0.0.11, .12, .13.
     with LocalCluster(subnet="127.0.0") as cluster:
         for node in cluster.nodes:
             node.start_daemon()

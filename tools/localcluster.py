@@ -1,4 +1,4 @@
-"""A real three-node glance-api cluster on one machine (DESIGN.md).
+"""A real three-node glance-api cluster on one machine (doc/architecture.rst).
 
 Each node is a mount namespace in which its own directory is bind-mounted on
 ``/var/lib/glance/images``, so every node uses the same path as real hosts do.

@@ -9,7 +9,7 @@ Three formats reach the notification queue:
 * oslo.messaging v2 (driver ``messagingv2``): ``{"oslo.version": "2.0",
   "oslo.message": "<the v1 message as JSON text>"}``.
 
-Which event means what (DESIGN.md): ``image.upload`` and ``image.activate``
+Which event means what (doc/architecture.rst, README): ``image.upload`` and ``image.activate``
 ensure the image is present, ``image.update`` does when the image is active,
 ``image.delete`` ensures it is absent (whatever the payload's status says;
 Essex sent only the id). Everything else, and any priority but INFO, is
