@@ -76,6 +76,21 @@ class ImageStore:
         finally:
             os.close(fd)
 
+    def checksum(self, image_id: str):
+        """(size, md5) of ``<id>`` as it is now; StoreError if it is no regular file."""
+        name = events.image_id(image_id)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError as exc:
+            raise StoreError(f"cannot read {name} in {self.datadir}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{name} in {self.datadir} is not a regular file")
+            return st.st_size, self._md5_of(fd, st)
+        finally:
+            os.close(fd)
+
     def _md5_of(self, fd: int, st) -> str:
         key = _cache_key(st)
         with self._lock:
