@@ -3,12 +3,13 @@ removed only on evidence that Glance deleted them, else copied to every peer."""
 
 import json
 import os
+import subprocess
 
 import pytest
 
 from glance_image_sync.state.tombstones import Tombstones
 from tests.glancestandin import StandIn
-from tools.localcluster import STORE_GID, STORE_UID
+from tools.localcluster import STORE_GID, STORE_UID, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -93,3 +94,39 @@ def test_prune_removes_only_what_a_tombstone_or_glance_calls_gone(cluster):
         assert actions(doc)[blind].startswith("copied to the peers"), doc
         assert "its credentials may not see every project's images" in actions(doc)[blind]
         assert node1.has(blind, blind_md5)
+
+
+def test_reconcile_fix_beside_a_daemon_that_starts_stops_and_deletes(cluster):
+    node1, node2, node3 = cluster.nodes
+    # Slow enough that the daemon starts, works and stops while reconcile's copy arrives.
+    node1.write_config({"rsync_bwlimit": 2048})
+    image_id, md5, size = cluster.new_image("node2", size=48 * 1024 * 1024)
+    node3.path(image_id).write_bytes(node2.path(image_id).read_bytes())
+    os.chown(node3.path(image_id), STORE_UID, STORE_GID)
+
+    fix = node1.spawn("reconcile", "--fix", "--min-age", "0", "--format", "json",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(image_id in name for name in node1.temporaries()), 60,
+                 what="reconcile's copy under way")
+        node1.start_daemon()  # removes the temporaries of gone processes at start-up
+        other, other_md5, other_size = cluster.new_image("node2", size=64 * 1024)
+        cluster.upload(other, other_md5, other_size, publisher="node2")
+        wait_for(lambda: node1.has(other, other_md5), 60, what="the daemon's own install")
+        cluster.delete(other, publisher="node2")  # a delete removes that image's temporaries
+        wait_for(lambda: not node1.path(other).exists(), 60, what="the daemon's delete")
+        assert node1.stop_daemon() == 0  # and a stop, its own
+        node1.start_daemon()
+        assert node1.stop_daemon() == 0
+        assert fix.poll() is None, "reconcile ended before the daemon was done: too fast"
+        out, err = fix.communicate(timeout=180)
+    finally:
+        if fix.poll() is None:
+            fix.kill()
+            fix.wait()
+    assert fix.returncode == 0, (out, err)
+    doc = json.loads(out)
+    assert [f["action"] for f in doc["findings"]] == [
+        f"fetched from node2, md5 {md5} (as computed on node2 and node3)"]
+    assert node1.has(image_id, md5)
+    assert node1.temporaries() == []
