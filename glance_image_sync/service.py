@@ -41,11 +41,20 @@ def prepare(conf, argv, command_opt) -> Settings:
 
 
 def setup_logging(conf) -> None:
+    """oslo.log's set-up, with stderr (not oslo.log's stdout) where no file is named.
+
+    stdout carries a command's output only (``reconcile --format json`` stays
+    JSON whatever is logged); under systemd stderr reaches the journal as
+    stdout did.
+    """
     if conf.use_journal:
         try:
             import systemd.journal  # noqa: F401
         except ImportError:
             raise ConfigError("use_journal needs the systemd Python bindings "
                               "(python3-systemd, or pip install glance-image-sync[journal]); "
-                              "under systemd, stdout already reaches the journal") from None
+                              "under systemd, stderr already reaches the journal") from None
+    if not (conf.log_file or conf.log_dir or conf.use_journal):
+        # oslo.log falls back to stdout when none of these is set.
+        conf.set_override("use_stderr", True)
     logging.setup(conf, PROG)

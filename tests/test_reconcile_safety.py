@@ -125,6 +125,7 @@ def test_reconcile_fix_beside_a_daemon_that_starts_stops_and_deletes(cluster):
             fix.kill()
             fix.wait()
     assert fix.returncode == 0, (out, err)
+    assert node1.owner_files() == []  # every process gave up its own
     doc = json.loads(out)
     assert [f["action"] for f in doc["findings"]] == [
         f"fetched from node2, md5 {md5} (as computed on node2 and node3)"]

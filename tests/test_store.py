@@ -232,6 +232,7 @@ import os, sys
 from glance_image_sync.store.owner import Owner
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 owner = Owner(fd)
+owner.hold()
 for name in (owner.temp_name(sys.argv[2]), owner.temp_name(sys.argv[2])):
     open(os.path.join(sys.argv[1], name), "wb").close()
 os.mkdir(os.path.join(sys.argv[1], owner.temp_name("batch")))
@@ -293,13 +294,20 @@ def test_a_delete_removes_only_this_process_s_temporaries_of_that_image(store, t
     other.close()
 
 
-def test_an_owner_file_goes_with_its_store(store, tmp_path):
-    mine = ImageStore(StoreSettings(datadir=store.datadir, file_mode=None,
-                                    state_dir=str(tmp_path / "state"), deleted_memory=60))
-    assert mine.owner.file_name is None  # a store only read makes none
-    mine.install(IMAGE, len(DATA), MD5, _writer(DATA))
-    name = mine.owner.file_name
-    assert name.startswith(".glance-image-sync.owner.") and str(os.getpid()) in name
-    assert stat.S_IMODE(os.stat(os.path.join(store.datadir, name)).st_mode) == 0o644
-    mine.close()
+def test_an_owner_file_lives_while_its_process_has_temporaries(store):
+    assert store.owner.file_name is None  # an idle store has none
+    seen = {}
+
+    def fetch(path):
+        seen["name"] = store.owner.file_name
+        seen["entries"] = sorted(os.listdir(store.datadir))
+        _writer(DATA)(path)
+
+    store.install(IMAGE, len(DATA), MD5, fetch)
+    name = seen["name"]
+    assert name.startswith(".glance-image-sync.owner.") and f".{os.getpid()}-" in name
+    token = name[len(".glance-image-sync.owner."):]
+    temp = [entry for entry in seen["entries"] if entry != name]
+    assert len(temp) == 1 and temp[0].startswith(f"{TEMP_PREFIX}{IMAGE}.{token}.")
+    assert store.owner.file_name is None
     assert os.listdir(store.datadir) == [IMAGE]

@@ -147,6 +147,13 @@ class ImageStore:
         free = self.free_bytes()
         if free < size:
             raise DiskFull(f"disk full: {name} needs {size} bytes, {free} free in {self.datadir}")
+        self.owner.hold()
+        try:
+            self._install(name, size, md5, fetch)
+        finally:
+            self.owner.let_go()
+
+    def _install(self, name: str, size: int, md5: str, fetch) -> None:
         temp = self.owner.temp_name(name)
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.dir_fd)

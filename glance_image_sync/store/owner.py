@@ -6,8 +6,9 @@ removes only its own temporaries and those of processes that are gone, never
 another live process's.
 
 A writer holds an exclusive flock on a file of its own in the store,
-``.glance-image-sync.owner.<token>``, and puts its token in the name of every
-temporary it makes: ``.glance-image-sync.<id>.<token>.<random>`` (a copy) and
+``.glance-image-sync.owner.<token>``, for as long as it has temporaries there
+(an idle process has none, and no owner file), and puts its token in the name
+of every temporary it makes: ``.glance-image-sync.<id>.<token>.<random>`` (a copy) and
 ``.glance-image-sync.batch.<token>.<random>`` (a staging directory). The token
 is the pid, for an operator reading ``ls``, and random hex, so a reused pid
 never names a live process. The kernel drops a flock when its holder dies,
@@ -24,6 +25,7 @@ import fcntl
 import os
 import re
 import secrets
+import threading
 
 TEMP_PREFIX = ".glance-image-sync."
 OWNER_PREFIX = TEMP_PREFIX + "owner."
@@ -49,26 +51,42 @@ def batch_name_beside(temp_name: str) -> str:
 
 
 class Owner:
-    """This process's owner file in a store directory (``dir_fd``), made on first use."""
+    """This process's owner file in a store directory (``dir_fd``), while it has temporaries.
+
+    ``hold`` before making a temporary and ``let_go`` once it is gone (renamed
+    or removed); the file exists while any is held. Safe from any thread.
+    """
 
     def __init__(self, dir_fd: int):
         self.dir_fd = dir_fd
         self._token = None
         self._fd = None
-
-    @property
-    def token(self) -> str:
-        if self._token is None:
-            self._claim()
-        return self._token
+        self._held = 0
+        self._lock = threading.Lock()
 
     @property
     def file_name(self) -> str | None:
-        """This process's owner file in the store, once it made a temporary."""
-        return None if self._token is None else OWNER_PREFIX + self._token
+        """This process's owner file in the store, while it holds one."""
+        token = self._token
+        return None if token is None else OWNER_PREFIX + token
+
+    def hold(self) -> str:
+        """Claim the owner file (if not yet held); return the token to name temporaries with."""
+        with self._lock:
+            if self._held == 0:
+                self._claim()
+            self._held += 1
+            return self._token
+
+    def let_go(self) -> None:
+        with self._lock:
+            self._held -= 1
+            if self._held == 0:
+                self._give_up()
 
     def temp_name(self, image_id: str) -> str:
-        return f"{TEMP_PREFIX}{image_id}.{self.token}.{secrets.token_hex(4)}"
+        """A temporary's name for ``image_id`` (or "batch"); call while holding."""
+        return f"{TEMP_PREFIX}{image_id}.{self._token}.{secrets.token_hex(4)}"
 
     def _claim(self) -> None:
         while True:
@@ -125,10 +143,15 @@ class Owner:
                 os.unlink(entry.name, dir_fd=self.dir_fd)
 
     def release(self) -> None:
-        """Remove this process's owner file (its temporaries are removed first)."""
+        """Give up the owner file whatever is held (the store is closing)."""
+        with self._lock:
+            self._held = 0
+            self._give_up()
+
+    def _give_up(self) -> None:
         if self._fd is None:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(OWNER_PREFIX + self._token, dir_fd=self.dir_fd)
         os.close(self._fd)
-        self._fd = None
+        self._fd = self._token = None
