@@ -32,12 +32,24 @@ def prepare(conf, argv, command_opt) -> Settings:
     try:
         conf(argv, project="glance", prog=PROG, default_config_files=default_files)
         setup_logging(conf)
+        if not conf.api_nodes:
+            raise ConfigError(_no_nodes(conf))
         settings = Settings.from_conf(conf)
     except cfg.Error as exc:
         raise ConfigError(str(exc)) from None
     if conf.debug:
         conf.log_opt_values(LOG, logging.DEBUG)  # transport_url is secret: shown as ****
     return settings
+
+
+def _no_nodes(conf) -> str:
+    """Why api_nodes is empty, with the files that were read."""
+    files = list(conf.config_file or []) + ([conf.config_dir] if conf.config_dir else [])
+    if not files:
+        return (f"api_nodes is empty: no configuration file was read ({DEFAULT_CONFIG_FILE} "
+                "does not exist; give one with --config-file)")
+    return (f"api_nodes is empty in {', '.join(files)}: list every glance-api node in "
+            "[DEFAULT] api_nodes")
 
 
 def setup_logging(conf) -> None:

@@ -7,8 +7,8 @@ a node's queue, nothing else), to be read again after a fix. Each message
 moved is acked where it was only once the broker confirmed and routed its
 copy, so a failure part of the way loses nothing; what moved and what did not
 is reported (a message sent when the broker failed, but never confirmed, is
-kept and may have arrived as well: events are idempotent). ``purge`` removes messages (those of some images, or all) and
-says how many.
+kept and may have arrived as well: events are idempotent). ``purge`` removes
+messages (those of some images, or all) and says how many.
 
 Exit status: 0 when everything asked for was done (also when there was
 nothing to do), 1 when something was not (it stays where it was) or the

@@ -60,8 +60,10 @@ from glance_image_sync.exceptions import (
     ConfigError,
     StoreError,
     TransferFailed,
+    UsageError,
 )
 from glance_image_sync.glanceapi import GlanceApi
+from glance_image_sync.state import access
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
 from glance_image_sync.transfer import listing
@@ -254,14 +256,20 @@ def main(args, settings, out=None) -> int:
     """The command: 0 when the stores agree (after any fixes), 1 otherwise."""
     out = out or sys.stdout
     if args.min_age < 0:
-        raise ConfigError("--min-age must be 0 or more seconds")
+        raise UsageError("--min-age must be 0 or more seconds")
+    acting = args.fix or args.prune
+    if acting:
+        access.check_store(settings.store.datadir)
     try:
         store = ImageStore(settings.store)
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
-        acting = args.fix or args.prune
+        try:
+            tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the deleted images in {settings.store.state_dir}: "
+                              f"{exc.strerror}") from None
         reconciler = Reconciler(settings, store, Rsync(settings.transfer), tombstones,
                                 min_age=args.min_age, progress=Progress() if acting else None)
         survey = reconciler.survey()

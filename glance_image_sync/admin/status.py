@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from glance_image_sync.admin.tables import iso, plural, table, when
+from glance_image_sync.admin.tables import agree, iso, plural, table, when
 from glance_image_sync.broker import queues as queuestats
 from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, BrokerUnavailable, NodeStateError
 from glance_image_sync.state import nodestate
@@ -68,7 +68,8 @@ def problems(report: Report) -> list:
         for node in overview.nodes:
             if node.failed.messages:
                 found.append(f"{plural(node.failed.messages, 'event')} of {node.node} ran "
-                             f"out of attempts and wait in {node.failed.name} (see "
+                             f"out of attempts and {agree(node.failed.messages, 'waits', 'wait')}"
+                             f" in {node.failed.name} (see "
                              f"'glance-image-sync failed list' on {node.node})")
             if node.node != report.node:
                 continue
@@ -76,12 +77,14 @@ def problems(report: Report) -> list:
                 found.append(f"{node.queue.name} does not exist: no fan-out has run since "
                              f"api_nodes named {node.node}")
             elif node.queue.messages and not node.queue.consumers:
-                found.append(f"{plural(node.queue.messages, 'event')} wait in "
+                found.append(f"{plural(node.queue.messages, 'event')} "
+                             f"{agree(node.queue.messages, 'waits', 'wait')} in "
                              f"{node.queue.name} and nothing consumes it (is the daemon "
                              "running?)")
         if overview.dead_letter.messages:
-            found.append(f"{plural(overview.dead_letter.messages, 'message')} rejected as "
-                         f"malformed or hostile wait in {overview.dead_letter.name} (see "
+            dead = overview.dead_letter
+            found.append(f"{plural(dead.messages, 'message')} rejected as malformed or "
+                         f"hostile {agree(dead.messages, 'waits', 'wait')} in {dead.name} (see "
                          "'glance-image-sync failed list --dead-letter')")
     if report.state_error:
         found.append(report.state_error)
@@ -116,7 +119,7 @@ def render_table(report: Report) -> str:
         lines += [
             "",
             f"notifications ({notifications.name}): {_count(notifications.messages)} waiting, "
-            f"{_count(notifications.consumers)} consumers (fan-out)",
+            f"{_consumers(notifications.consumers)} (fan-out)",
             f"dead letters ({overview.dead_letter.name}): {_count(overview.dead_letter.messages)}",
         ]
     lines += [
@@ -172,6 +175,10 @@ def _record(record, now) -> str:
     if record is None:
         return "never"
     return f"{when(record.time, now)}, image {record.image_id}: {record.detail}"
+
+
+def _consumers(value) -> str:
+    return "- consumers" if value is None else plural(value, "consumer")
 
 
 def _count(value) -> str:

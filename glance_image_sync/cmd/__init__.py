@@ -25,7 +25,7 @@ from oslo_config import cfg
 
 from glance_image_sync import service
 from glance_image_sync.cmd import admin, daemon, oneshot
-from glance_image_sync.exceptions import EXIT_CONFIG, ConfigError
+from glance_image_sync.exceptions import EXIT_CONFIG, EXIT_USAGE, ConfigError, UsageError
 
 PROG = service.PROG
 
@@ -46,3 +46,6 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
