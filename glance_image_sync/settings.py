@@ -38,6 +38,11 @@ class BrokerSettings:
         """The broker addresses, as they may appear in logs."""
         return ", ".join(redact_url(url) for url in self.urls)
 
+    @property
+    def vhost(self) -> str:
+        """The virtual host, as rabbitmqctl -p names it."""
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.urls[0]).path[1:]) or "/"
+
 
 @dataclass(frozen=True)
 class TopologySettings:

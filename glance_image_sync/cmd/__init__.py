@@ -9,7 +9,7 @@ One-shot commands for cron (``*/5 * * * * glance-image-sync both``;
 ``cmd.oneshot``): ``duplicate-notifications``, ``sync-images``, ``both``.
 
 For operators (``cmd.admin``): ``status``, ``reconcile``, ``failed list``,
-``failed replay``.
+``failed replay``, ``failed purge``, ``forget-node``.
 
 Exit status: 0 when everything was applied, 1 when something failed or was
 rejected (it is logged, and retried or kept where an operator finds it),

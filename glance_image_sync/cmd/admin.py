@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 from glance_image_sync import events
-from glance_image_sync.admin import failed, reconcile, status
+from glance_image_sync.admin import failed, forget, reconcile, status
 from glance_image_sync.exceptions import Rejected
+from glance_image_sync.nodes import Nodes
 
 
 def add_parsers(subparsers) -> None:
@@ -55,6 +56,20 @@ def add_parsers(subparsers) -> None:
     which.add_argument("image_ids", nargs="*", metavar="IMAGE_ID", type=_image_id, default=[],
                        help="only those of these images")
     parser.set_defaults(run=lambda conf, settings: failed.main(conf.command, settings))
+
+
+    parser = subparsers.add_parser(
+        "forget-node", help="delete the queues of a node removed from api_nodes for good")
+    parser.add_argument("node", metavar="NAME", type=_host_name,
+                        help="the node, as its queues name it (see 'status')")
+    parser.set_defaults(run=lambda conf, settings: forget.main(conf.command, settings))
+
+
+def _host_name(value: str) -> str:
+    name = Nodes.canonical(value)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a host name")
+    return name
 
 
 def _dead_letter_flag(parser, text) -> None:
