@@ -297,7 +297,9 @@ class LocalCluster:
         self.program = [str(script)] if script.exists() else [sys.executable, "-m",
                                                               "glance_image_sync"]
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.base),
-                    "LC_ALL": "C"}
+                    "LC_ALL": "C",
+                    # coverage.py's, set by the test run: the tool's processes report too.
+                    **{k: v for k, v in os.environ.items() if k.startswith("COVERAGE_")}}
         self._notifiers = {}
 
     def __getitem__(self, name) -> Node:
