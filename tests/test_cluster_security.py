@@ -11,6 +11,7 @@ change nothing, on any node.
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import uuid
@@ -231,3 +232,34 @@ def test_a_peer_with_an_unknown_or_changed_host_key_is_never_copied_from(cluster
     known_hosts.write_text(genuine)
     wait_for(lambda: node2.run("sync-images").returncode in (0, 1) and node2.has(image_id, md5),
              60, interval=0.5, what="the copy once the genuine key is known again")
+
+
+@pytest.mark.cluster_config(rsync_remote_paths="relative")
+def test_the_lines_ssh_keys_prints_are_all_a_cluster_needs(cluster):
+    hosts = cluster.base / "host-keys"
+    hosts.mkdir()
+    for node in cluster.nodes:  # what an operator collects: each node's host public key
+        shutil.copy(node.dir / "ssh/host_ed25519.pub", hosts / f"{node.name}.pub")
+    cluster.authorized_keys.write_text("")
+    (cluster.base / "known_hosts").write_text("")
+    authorized, known = set(), set()
+    for node in cluster.nodes:
+        result = node.run("ssh-keys", "--public-key", str(cluster.client_key) + ".pub",
+                          "--host-keys", str(hosts), "--format", "json")
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        authorized |= set(doc["authorized_keys"].values())
+        known |= {line for lines in doc["known_hosts"].values() for line in lines}
+    # The nodes share one client key and one authorized_keys file here.
+    assert authorized == {f"{RRSYNC_RELATIVE_KEY_OPTIONS} "
+                          + " ".join((cluster.base / "client_ed25519.pub").read_text().split()[:2])
+                          + f" glance-image-sync@{name}" for name in ("node1", "node2", "node3")}
+    cluster.authorized_keys.write_text(sorted(authorized)[0] + "\n")
+    (cluster.base / "known_hosts").write_text("".join(line + "\n" for line in sorted(known)))
+
+    image_id, md5, size = cluster.new_image("node2", size=256 * 1024)
+    cluster.upload(image_id, md5, size, publisher="node2")
+    run_both_everywhere(cluster)
+    assert all(node.has(image_id, md5) for node in cluster.nodes)
+    result = cluster["node1"].run("doctor")
+    assert result.returncode == 0, result.stdout

@@ -104,6 +104,8 @@ KNOWN = {
     ("transfer/rsync.py", "close_master", "subprocess.run"),
     # systemctl show: doctor reads the unit's sandbox (ReadWritePaths).
     ("admin/doctor_local.py", "systemctl_show", "subprocess.run"),
+    # ssh -G: how ssh names a peer in known_hosts (ssh-keys; it connects nowhere).
+    ("admin/sshkeys.py", "known_host_name", "subprocess.run"),
 }
 
 

@@ -5,7 +5,7 @@ They take no run lock: each works beside a running daemon.
 
 from __future__ import annotations
 
-from glance_image_sync.admin import doctor, show
+from glance_image_sync.admin import doctor, show, sshkeys
 
 
 def add_parsers(subparsers) -> None:
@@ -28,3 +28,19 @@ def add_parsers(subparsers) -> None:
                         "worker's verification, if the file has not changed since)")
     parser.add_argument("--format", choices=["table", "json"], default="table")
     parser.set_defaults(run=lambda conf, settings: show.main(conf.command, settings))
+
+    parser = subparsers.add_parser(
+        "ssh-keys", help="print the authorized_keys line each peer needs for this node's key, "
+        "and the known_hosts lines of the peers' host keys")
+    parser.add_argument("--public-key", required=True, metavar="FILE",
+                        help="this node's public key for glance-image-sync (the .pub of the "
+                        "IdentityFile in ssh_config_file)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--host-keys", metavar="DIR",
+                        help="a directory of <node>.pub files: each peer's host public key "
+                        "(its /etc/ssh/ssh_host_ed25519_key.pub)")
+    source.add_argument("--known-hosts", metavar="FILE",
+                        help="a known-hosts file (e.g. from ssh-keyscan, checked) to take "
+                        "the peers' host keys from")
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    parser.set_defaults(run=lambda conf, settings: sshkeys.main(conf.command, settings))
