@@ -60,5 +60,7 @@ def running_as() -> str:
 
 def describe(path: str, st) -> str:
     """``/var/lib/glance/images: owner glance:glance (117:123), mode 0750``."""
-    return (f"{path}: owner {user_name(st.st_uid)}:{group_name(st.st_gid)} "
-            f"({st.st_uid}:{st.st_gid}), mode {stat.S_IMODE(st.st_mode):04o}")
+    owner = f"{user_name(st.st_uid)}:{group_name(st.st_gid)}"
+    ids = f"{st.st_uid}:{st.st_gid}"
+    return (f"{path}: owner {owner}{'' if owner == ids else f' ({ids})'}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}")
