@@ -77,3 +77,16 @@ def test_a_queue_whose_flags_differ_from_notification_durable_fails_and_stays(tm
                    notification_durable="true")
     assert found["glance queue"].status == PASS
     assert "exists (durable, as notification_durable says)" in found["glance queue"].detail
+
+
+def test_a_quorum_queue_declared_by_glance_is_named_as_such(tmp_path, vhost):
+    # What oslo.messaging declares with rabbit_quorum_queue = true (Kolla-Ansible's).
+    with kombu.Connection(f"amqp://guest:guest@127.0.0.1:5672/{vhost}") as connection:
+        kombu.Queue("glance_notifications.info", durable=True,
+                    queue_arguments={"x-queue-type": "quorum"}).bind(
+                        connection.channel()).declare()
+    found = checks(tmp_path, f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
+                   notification_durable="true")
+    check = found["glance queue"]
+    assert check.status == FAIL and "x-queue-type" in check.detail
+    assert "rabbit_quorum_queue" in check.fix

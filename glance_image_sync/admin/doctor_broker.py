@@ -89,6 +89,14 @@ def queue_check(settings, stats):
     except brokers.ERRORS as exc:
         if getattr(exc, "code", None) != 406:
             return failed(name, f"{stats.name}: {exc}", "run doctor again")
+        if "x-queue-type" in str(exc):
+            # Glance's rabbit_quorum_queue (Kolla-Ansible sets it): were the queue
+            # ever declared by the fan-out instead, Glance's publishes would fail.
+            return failed(name, f"{stats.name} is of another type than glance-image-sync "
+                          f"declares ({exc})",
+                          "give glance-image-sync Glance's [oslo_messaging_rabbit] "
+                          "rabbit_quorum_queue, and notification_durable = true, so that it "
+                          "declares the queue as Glance does")
         return failed(name, f"{stats.name} exists with other flags than "
                       f"notification_durable = {str(topo.durable).lower()} says ({exc})",
                       "set notification_durable to Glance's [oslo_messaging_rabbit] "
