@@ -137,3 +137,13 @@ def test_show_without_a_broker_says_what_it_knows_and_that_the_queues_are_unknow
     assert doc["on_disk"]["size"] == len(DATA) and doc["on_disk"]["matches"] is True
     assert doc["last_event"]["checksum"] == MD5 and doc["deleted"] > 0
     assert doc["problems"][0].startswith("the queues could not be read")
+
+
+@pytest.mark.broker
+def test_show_before_any_fan_out_finds_no_queue_and_says_so_without_an_error(
+        tmp_path, capsys, vhost):
+    path = write_config(tmp_path, transport_url=f"rabbit://guest:guest@127.0.0.1:5672/{vhost}")
+    assert cli.main(["--config-file", str(path), "show", IMAGE]) == 0
+    out = capsys.readouterr().out
+    assert "on disk:    no such file" in out and "last event: none recorded" in out
+    assert "queues:     in none of this node's retry queues nor its failed queue" in out

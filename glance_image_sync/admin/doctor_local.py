@@ -241,7 +241,10 @@ def unit_check(settings, unit, environ, show=None):
     if unit is None and not under_systemd:
         return skipped(name, "not under systemd (no INVOCATION_ID or NOTIFY_SOCKET in the "
                        f"environment); --unit {DEFAULT_UNIT} checks the unit anyway")
-    unit = unit or own_unit() or DEFAULT_UNIT
+    mine = own_unit()
+    # A shell started by some other service inherits INVOCATION_ID: only a unit of
+    # ours is the one to read.
+    unit = unit or (mine if mine and mine.startswith("glance-image-sync") else DEFAULT_UNIT)
     if show is None:
         if shutil.which("systemctl", path=SAFE_PATH) is None:
             return skipped(name, "systemctl is not installed")

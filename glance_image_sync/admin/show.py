@@ -81,7 +81,13 @@ def in_queues(settings, image_id: str) -> dict:
     try:
         with brokers.connect(settings.broker) as connection:
             for name in names:
-                for message in parked.browse(connection, name, settings.nodes):
+                try:
+                    messages = parked.browse(connection, name, settings.nodes)
+                except connection.channel_errors as exc:
+                    if getattr(exc, "code", None) != 404:
+                        raise
+                    continue  # not declared yet (no fan-out ran): nothing waits there
+                for message in messages:
                     if message.image_id == image_id:
                         kind = "failed" if name == topology.failed_queue_name(node) \
                             else "retrying"
