@@ -6,6 +6,7 @@ parsed ``conf`` and the ``Settings`` read from it, or raises ``ConfigError``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 from oslo_config import cfg
@@ -30,7 +31,8 @@ def prepare(conf, argv, command_opt) -> Settings:
     conf.register_cli_opt(command_opt)
     default_files = [DEFAULT_CONFIG_FILE] if os.path.exists(DEFAULT_CONFIG_FILE) else []
     try:
-        conf(argv, project="glance", prog=PROG, default_config_files=default_files)
+        conf(argv, project="glance", prog=PROG, version=_version(),
+             default_config_files=default_files)
         setup_logging(conf)
         if not conf.api_nodes:
             raise ConfigError(_no_nodes(conf))
@@ -70,3 +72,10 @@ def setup_logging(conf) -> None:
         # oslo.log falls back to stdout when none of these is set.
         conf.set_override("use_stderr", True)
     logging.setup(conf, PROG)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("glance-image-sync")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree, not installed
+        return "unknown"

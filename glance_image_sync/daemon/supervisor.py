@@ -47,6 +47,7 @@ class Supervisor:
         self._attention = threading.Event()
         self._reload_requested = False
         self._failure = None
+        self._ready = False
         self.loops = []
 
     # -- signals -------------------------------------------------------------
@@ -108,27 +109,30 @@ class Supervisor:
             self.request_stop()
 
     def _supervise(self) -> None:
-        ready = False
         interval = watchdog_interval()
         while not self.stop_event.is_set():
-            if self._reload_requested:
-                self._reload_requested = False
-                self._reload()
-            healthy = not any(self._stuck_for(loop) for loop in self.loops)
-            if not ready and all(loop.connected for loop in self.loops):
-                ready = True
-                self.notifier.status(self.status_text())
-                self.notifier.ready()
-                LOG.info("ready: consuming on %s", self.settings.nodes.this)
-            # systemd arms the watchdog once start-up is complete (READY=1).
-            if ready and interval is not None and healthy:
-                self.notifier.watchdog()
-            elif ready and interval is not None:
-                LOG.error("a consumer shows no progress (%s); not pinging the watchdog",
-                          self.status_text())
-            self.notifier.status(self.status_text())
+            self._tick(interval)
             self._attention.wait(min(interval or STATUS_EVERY, STATUS_EVERY))
             self._attention.clear()
+
+    def _tick(self, interval) -> None:
+        """One look at the loops: reload if asked, then READY, WATCHDOG and STATUS."""
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload()
+        healthy = not any(self._stuck_for(loop) for loop in self.loops)
+        if not self._ready and all(loop.connected for loop in self.loops):
+            self._ready = True
+            self.notifier.status(self.status_text())
+            self.notifier.ready()
+            LOG.info("ready: consuming on %s", self.settings.nodes.this)
+        # systemd arms the watchdog once start-up is complete (READY=1).
+        if self._ready and interval is not None and healthy:
+            self.notifier.watchdog()
+        elif self._ready and interval is not None:
+            LOG.error("a consumer shows no progress (%s); not pinging the watchdog",
+                      self.status_text())
+        self.notifier.status(self.status_text())
 
     # -- reporting -----------------------------------------------------------
 
