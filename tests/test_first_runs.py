@@ -152,3 +152,32 @@ def test_an_image_store_it_cannot_write_is_found_at_start_up(shared_dir, command
         f"glance-image-sync: configuration error: filesystem_store_datadir: {images} is owned "
         "by root:root, mode 0755; glance-image-sync runs as nobody (uid 65534) and cannot "
         "write there (run it as the store's owner, Glance's user)\n")
+
+
+def test_access_checks_name_the_path_its_owner_and_mode_and_who_runs(tmp_path, monkeypatch):
+    from glance_image_sync.exceptions import ConfigError
+    from glance_image_sync.state import access
+
+    state = tmp_path / "state"
+    access.check_state_dir(str(state / "deeper"))  # missing, under a writable parent: fine
+    state.mkdir(mode=0o750)
+    access.check_state_dir(str(state))
+    access.check_store(str(tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="state_dir .*/file is not a directory"):
+        access.check_state_dir(str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match="filesystem_store_datadir .*/file is not a directory"):
+        access.check_store(str(tmp_path / "file"))
+
+    # What another user meets (root may write anywhere, so the answer is given here).
+    monkeypatch.setattr(access, "_writable", lambda path: False)
+    with pytest.raises(ConfigError) as caught:
+        access.check_state_dir(str(state))
+    mode = oct(os.stat(state).st_mode & 0o777)[2:].rjust(4, "0")
+    assert str(caught.value).startswith(f"state_dir: {state} is owned by ")
+    assert f", mode {mode}; glance-image-sync runs as " in str(caught.value)
+    assert f"(uid {os.geteuid()})" in str(caught.value)
+    with pytest.raises(ConfigError, match="does not exist and cannot be created"):
+        access.check_state_dir(str(state / "a" / "b"))
+    with pytest.raises(ConfigError, match="run it as the store's owner"):
+        access.check_store(str(tmp_path))
