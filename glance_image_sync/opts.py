@@ -1,6 +1,9 @@
 """Every option of glance-image-sync, with its help text.
 
-All options live in ``[DEFAULT]`` of ``/etc/glance/glance-image-sync.conf``.
+Most options live in ``[DEFAULT]`` of ``/etc/glance/glance-image-sync.conf``.
+The optional credentials for Glance's API are keystoneauth1's own options in
+``[keystone_authtoken]`` (where Glance keeps its service user's), read with
+keystoneauth1's loading helpers; where to find the API is in ``[glance_api]``.
 ``api_nodes``, ``rsync_user``, ``log_file`` and ``verbose`` are the names the
 original cron tool used; they keep working. ``list_opts`` feeds
 ``oslo-config-generator`` (``etc/glance-image-sync.conf.sample``).
@@ -8,7 +11,13 @@ original cron tool used; they keep working. ``list_opts`` feeds
 
 import socket
 
+from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg, types
+
+# Glance's own group for its service user's credentials: with glance-api.conf
+# passed as another --config-file, they need not be written twice.
+AUTH_GROUP = "keystone_authtoken"
+API_GROUP = "glance_api"
 
 cluster_opts = [
     cfg.ListOpt(
@@ -258,17 +267,56 @@ legacy_opts = [
 ]
 
 
+glance_api_opts = [
+    cfg.StrOpt(
+        "region_name",
+        default=None,
+        help="Region of Glance's endpoint in the Keystone catalog. Default: "
+        "the catalog's only (or first) one.",
+    ),
+    cfg.StrOpt(
+        "interface",
+        default="internal",
+        choices=["public", "internal", "admin"],
+        help="Which of Glance's catalog endpoints to use.",
+    ),
+    cfg.URIOpt(
+        "endpoint_override",
+        default=None,
+        schemes=["http", "https"],
+        help="Glance's API at this URL instead of the catalog's, e.g. "
+        "http://127.0.0.1:9292 for this node's own glance-api. The token still "
+        "comes from [keystone_authtoken].",
+    ),
+]
+
+
 def list_opts():
-    """The options of [DEFAULT], for oslo-config-generator."""
+    """Every option, by group, for oslo-config-generator.
+
+    ``[keystone_authtoken]`` lists keystoneauth1's session options and those
+    of its ``password`` plugin, the one Glance's own file uses; another
+    ``auth_type`` brings its own options.
+    """
     return [
         (
             "DEFAULT",
             cluster_opts + messaging_opts + store_opts + transfer_opts + metrics_opts
             + legacy_opts,
         ),
+        (API_GROUP, glance_api_opts),
+        (AUTH_GROUP, ks_loading.get_auth_common_conf_options()
+         + ks_loading.get_session_conf_options()
+         + ks_loading.get_auth_plugin_conf_options("password")),
     ]
 
 
 def register_opts(conf):
     for group, opts in list_opts():
+        if group == AUTH_GROUP:
+            # keystoneauth1's helpers: the plugin's own options are registered
+            # when the plugin named by auth_type is loaded.
+            ks_loading.register_auth_conf_options(conf, AUTH_GROUP)
+            ks_loading.register_session_conf_options(conf, AUTH_GROUP)
+            continue
         conf.register_opts(opts, group=None if group == "DEFAULT" else group)

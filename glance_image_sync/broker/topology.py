@@ -11,6 +11,9 @@
     ├─ glance_image_sync.<node>.failed        events that ran out of attempts
     └─ glance_image_sync.dead_letter          messages rejected as malformed or hostile
 
+``glance_image_sync.<node>.info`` was the 2013 tool's per-node queue: never
+declared here, only reported by ``status`` when it is left over.
+
 Glance's exchange and queue are never declared with flags of our choosing when
 they exist: a durable re-declaration of a non-durable exchange makes every later
 Glance publish fail with 406 PRECONDITION_FAILED (and Glance only logs it). We
@@ -38,6 +41,11 @@ def retry_queue_name(node: str, delay: int) -> str:
 
 def failed_queue_name(node: str) -> str:
     return f"{PREFIX}.{node}.failed"
+
+
+def legacy_queue_name(node: str) -> str:
+    """A node's queue as the 2013 cron tool named it; nothing reads it any more."""
+    return f"{PREFIX}.{node}.info"
 
 
 def notification_queue_name(topology) -> str:
