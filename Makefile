@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (both install what they need first):
 #   make demo   a real three-node cluster on this machine: an image replicated, then deleted
 #   make test   the whole test suite (unit, broker and cluster tiers)
-.PHONY: deps demo test unit lint sample-config bench
+.PHONY: deps demo test unit lint sample-config bench deb
 
 deps:
 	tools/install-deps
@@ -23,3 +23,7 @@ sample-config:
 
 bench: deps
 	.venv/bin/python -m bench.run --readme
+
+# The Debian package, in dist/ (tools/build-deb installs Debian's build tools).
+deb:
+	tools/build-deb
