@@ -97,7 +97,12 @@ STARTERS = {
 }
 # Where the package starts a program, as (module, function, call). A new one must be
 # reviewed for the rules below and added here.
-KNOWN = {("transfer/rsync.py", "run_rsync", "subprocess.Popen")}
+KNOWN = {
+    ("transfer/rsync.py", "run_rsync", "subprocess.Popen"),
+    # `ssh -O check|stop` on a ControlMaster's socket, so that no ssh connection to a
+    # peer outlives the process that opened it (transfer/masters.py).
+    ("transfer/masters.py", "_control", "subprocess.run"),
+}
 
 
 def _calls_that_start_programs():
