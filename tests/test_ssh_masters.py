@@ -138,3 +138,18 @@ def test_a_daemon_stopped_by_sigterm_leaves_no_ssh_connection(cluster):
     assert node.stop_daemon(signal.SIGTERM) == 0
     assert masters_of(node) == []
     assert sockets_of(node) == []
+
+
+@pytest.mark.cluster
+def test_the_next_run_closes_the_connections_a_killed_daemon_left(cluster):
+    node = cluster["node2"]
+    node.start_daemon()
+    image_id, md5, size = cluster.new_image("node1", size=1024 * 1024)
+    cluster.upload(image_id, md5, size)
+    wait_for(lambda: node.has(image_id, md5), 60, what="the image on node2")
+    node.stop_daemon(signal.SIGKILL)
+    assert masters_of(node)  # nothing can close them when the process is killed outright
+    result = node.run("both")
+    assert result.returncode == 0, result.stderr + node.log.read_text()[-3000:]
+    assert masters_of(node) == []
+    assert sockets_of(node) == []

@@ -22,6 +22,7 @@ import uuid
 
 import pytest
 
+from tests.clusterhelpers import free_port, scrape_until
 from tools.container import Container
 from tools.localcluster import SSH_PORT, LocalCluster, broker_running, md5_of, wait_for
 
@@ -269,7 +270,8 @@ def test_kill_9_leads_to_a_restart(node, peer):
 
 
 def test_a_transfer_over_ssh_installs_a_verified_image_under_full_hardening(node, peer):
-    restart(node, peer, use_journal="true")
+    port = free_port()  # the container shares this machine's network
+    restart(node, peer, use_journal="true", metrics_listen_port=port)
     for prop, value in [("User", "glance"), ("ProtectSystem", "strict"),
                         ("NoNewPrivileges", "yes"), ("PrivateDevices", "yes"),
                         ("CapabilityBoundingSet", "")]:
@@ -283,6 +285,11 @@ def test_a_transfer_over_ssh_installs_a_verified_image_under_full_hardening(node
     found = messages(journal(node), _SYSTEMD_UNIT=UNIT, IMAGE_ID=image_id)
     assert any("fetching from node1" in line for line in found), found
     assert any("installed and verified on node2 (from node1)" in line for line in found), found
+    # Debian's prometheus_client serves the metrics, its kombu answers status.
+    scrape_until(port, lambda got: got.get(("glance_image_sync_transfers_total", (
+        ("peer", "node1"), ("result", "ok")))) == 1.0, "the transfer in the metrics")
+    status = node.run("glance-image-sync", "status", check=False)
+    assert "node2 *" in status.stdout, status.stdout + status.stderr
 
 
 def test_the_check_of_a_copy_in_place_runs_at_nice_19(node, peer):
@@ -372,6 +379,44 @@ def test_the_oneshot_service_and_the_timer_work(node, peer):
     entries = wait_for_line(node, cursor, "Stopped glance-image-sync-oneshot.timer", UNIT=TIMER)
     killed = [line for line in messages(entries) if "SIGKILL" in line or "Killing" in line]
     assert killed == []
+
+
+# README.rst, "From pip": the drop-in for a program and an image store elsewhere.
+ELSEWHERE = "\n".join([
+    "[Service]",
+    "ExecStart=",
+    "ExecStart=/opt/glance-image-sync/bin/glance-image-sync --config-file "
+    "/etc/glance/glance-image-sync.conf daemon",
+    "ReadWritePaths=",
+    "ReadWritePaths=/srv/glance/images",
+    ""])
+
+
+def test_the_readmes_drop_in_runs_a_program_and_a_store_from_elsewhere(node, peer):
+    readme = (ROOT / "README.rst").read_text()
+    assert all(line in readme for line in ELSEWHERE.splitlines())
+    node.systemctl("stop", UNIT)
+    node.run("install", "-D", "/usr/bin/glance-image-sync",
+             "/opt/glance-image-sync/bin/glance-image-sync")
+    node.run("install", "-d", "-o", "glance", "-g", "glance", "-m", "0750",
+             "/srv/glance/images")
+    drop_in = node.path(f"/etc/systemd/system/{UNIT}.d/elsewhere.conf")
+    drop_in.write_text(ELSEWHERE)
+    try:
+        node.systemctl("daemon-reload")
+        restart(node, peer, filesystem_store_datadir="/srv/glance/images")
+        assert "/opt/glance-image-sync/bin/glance-image-sync" in node.show(UNIT, "ExecStart")
+        # A delete writes to the store: only the drop-in's ReadWritePaths allows it.
+        image_id = str(uuid.uuid4())
+        node.path(f"/srv/glance/images/{image_id}").write_bytes(b"an image")
+        peer.delete(image_id, publisher="node1")
+        wait_for(lambda: not node.path(f"/srv/glance/images/{image_id}").exists(), 60,
+                 what="the delete in /srv/glance/images")
+    finally:
+        node.systemctl("stop", UNIT)
+        drop_in.unlink()
+        node.systemctl("daemon-reload")
+        configure(node, peer)
 
 
 def test_the_journal_has_no_eperm_sigsys_or_read_only_file_system(node):
