@@ -41,7 +41,7 @@ STATE = "/var/lib/glance-image-sync"
 STORE_GROUP = "glance-store"
 DROP_INS = {
     f"{UNIT}.d/test.conf": "[Service]\nWatchdogSec=4s\nRestartSec=1s\n",
-    f"{TIMER}.d/test.conf": "[Timer]\nOnActiveSec=1s\nRandomizedDelaySec=0\n",
+    f"{TIMER}.d/test.conf": "[Timer]\nOnActiveSec=1s\nRandomizedDelaySec=0\nAccuracySec=1ms\n",
 }
 # The journal's lines that the environment, not the package, causes: the host
 # leaves no CAP_SYS_RESOURCE in the container's bounding set.
