@@ -153,3 +153,23 @@ def test_the_next_run_closes_the_connections_a_killed_daemon_left(cluster):
     assert result.returncode == 0, result.stderr + node.log.read_text()[-3000:]
     assert masters_of(node) == []
     assert sockets_of(node) == []
+
+
+@pytest.mark.cluster
+def test_close_all_stops_a_live_master_and_returns_once_it_has_exited(cluster):
+    control = cluster.base / "ctl"  # short: a socket's path has room for 107 bytes
+    control.mkdir()
+    settings = TransferSettings(**{**SETTINGS.__dict__, "user": "root",
+                                   "ssh_config_file": str(cluster.ssh_config),
+                                   "control_dir": str(control)})
+    # The master a transfer would make (rsync's -e), opened by a command of its own.
+    subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ControlMaster=auto",
+                    "-o", f"ControlPath={control}/ssh-%C", "-o", "ControlPersist=60",
+                    "-F", str(cluster.ssh_config), "root@node1", "true"],
+                   check=True, timeout=30, stdin=subprocess.DEVNULL)
+    [socket_name] = os.listdir(control)
+    pid = masters.master_pid(settings, str(control / socket_name))
+    assert pid and masters._alive(pid)
+    assert masters.close_all(settings) == 1
+    assert not masters._alive(pid)
+    assert os.listdir(control) == []
