@@ -106,6 +106,9 @@ KNOWN = {
     ("admin/doctor_local.py", "systemctl_show", "subprocess.run"),
     # ssh -G: how ssh names a peer in known_hosts (ssh-keys; it connects nowhere).
     ("admin/sshkeys.py", "known_host_name", "subprocess.run"),
+    # `ssh -O check|stop` on a ControlMaster's socket, so that no ssh connection to a
+    # peer outlives the process that opened it (transfer/masters.py).
+    ("transfer/masters.py", "_control", "subprocess.run"),
 }
 
 
