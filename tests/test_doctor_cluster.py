@@ -110,9 +110,11 @@ def control_sockets(node) -> list:
 
 def test_a_revoked_key_fails_although_a_kept_connection_would_still_let_it_in(cluster):
     node2 = cluster["node2"]
+    for node in cluster.nodes[:2]:
+        node.start_daemon()  # a running daemon keeps its connections (a cron run closes them)
     image_id, md5, size = cluster.new_image("node1", size=256 * 1024)
     cluster.upload(image_id, md5, size)
-    run_both_everywhere(cluster)
+    wait_for(lambda: node2.has(image_id, md5), 60, what="the image on node2")
     sockets = control_sockets(node2)
     assert len(sockets) == 1  # node2 copied from node1 over a connection it kept
 

@@ -32,7 +32,7 @@ import time
 
 from oslo_log import log as logging
 
-from glance_image_sync.transfer.rsync import subprocess_env
+from glance_image_sync.transfer.rsync import control_path, subprocess_env
 
 LOG = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ def close_all(settings) -> int:
     return len(stopped)
 
 
+def close_master(settings, node: str) -> bool:
+    """Retire the kept ssh connection to ``node``, if any; True if one was there.
+
+    ``doctor`` does it before it checks a peer: a kept connection was
+    authenticated when it was opened, and would hide a key revoked since. A
+    transfer running beside it through that connection is not cut off (``-O
+    stop``); the next one logs in afresh.
+    """
+    if not settings.control_dir:
+        return False
+    # ssh expands %C from the host as the transfers name it.
+    return _control(settings, control_path(settings), "stop",
+                    host=f"{settings.user}@{node}").returncode == 0
+
+
 def master_pid(settings, path: str) -> int | None:
     """The pid of the master listening on ``path``, or None if none answers."""
     result = _control(settings, path, "check")
@@ -88,21 +103,21 @@ def master_pid(settings, path: str) -> int | None:
     return int(match.group(1)) if result.returncode == 0 and match else None
 
 
-def control_argv(settings, path: str, command: str) -> list:
+def control_argv(settings, path: str, command: str, host: str | None = None) -> list:
     """``ssh -O <command>`` for the master at ``path``.
 
-    The path is given as it is (no %C to expand), so the host operand only
-    fills ssh's syntax; ``-F`` is the transfers' own, so nothing from
-    another ssh configuration applies.
+    With a path as it is (no %C to expand), the host operand only fills ssh's
+    syntax; ``-F`` is the transfers' own, so nothing from another ssh
+    configuration applies.
     """
     argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ControlPath={path}", "-O", command]
     if settings.ssh_config_file:
         argv += ["-F", settings.ssh_config_file]
-    return [*argv, "--", f"{settings.user}@glance-image-sync-peer"]
+    return [*argv, "--", host or f"{settings.user}@glance-image-sync-peer"]
 
 
-def _control(settings, path: str, command: str) -> subprocess.CompletedProcess:
-    argv = control_argv(settings, path, command)
+def _control(settings, path: str, command: str, host=None) -> subprocess.CompletedProcess:
+    argv = control_argv(settings, path, command, host)
     try:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               env=subprocess_env(), timeout=CONTROL_TIMEOUT, check=False)
