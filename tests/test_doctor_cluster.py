@@ -205,8 +205,12 @@ def test_state_dir_and_store_are_checked_as_the_user_doctor_runs_as(cluster):
     config = cluster.base / "as-glance.conf"
     config.write_text("".join(line + "\n" for line in node1.config.read_text().splitlines()
                               if not line.startswith("log_file")))
+    # Able to read and search anywhere, to run this checkout's program from a directory
+    # only root can enter (a CI clone); every write is still refused as to that user.
     as_glance = node1.command(["setpriv", f"--reuid={STORE_UID}", f"--regid={STORE_GID}",
-                               "--clear-groups", "--", *cluster.program, "--config-file",
+                               "--clear-groups", "--inh-caps=+dac_read_search",
+                               "--ambient-caps=+dac_read_search", "--", *cluster.program,
+                               "--config-file",
                                str(config), "doctor", "--format", "json"])
 
     code, checks = doctor(node1, as_glance)
