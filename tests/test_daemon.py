@@ -262,11 +262,13 @@ def test_the_daemon_refuses_to_start_beside_a_running_one(cluster):
 
 def test_broker_passwords_never_reach_the_log_even_at_debug(cluster):
     node = cluster["node2"]
-    rabbitmqctl("add_user", "gis-secret-user", "S3cr3t-Pa55")
+    # A user of this test's own: the broker is shared with other runs.
+    user = f"gis-secret-{cluster.vhost}"
+    rabbitmqctl("add_user", user, "S3cr3t-Pa55")
     try:
-        rabbitmqctl("set_permissions", "-p", cluster.vhost, "gis-secret-user", ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", cluster.vhost, user, ".*", ".*", ".*")
         node.config.write_text(node.config.read_text().replace(
-            "guest:guest@", "gis-secret-user:S3cr3t-Pa55@") + "debug = true\n")
+            "guest:guest@", f"{user}:S3cr3t-Pa55@") + "debug = true\n")
         node.start_daemon()
         image_id, md5, size = cluster.new_image("node1", size=1024)
         cluster.upload(image_id, md5, size)
@@ -284,9 +286,9 @@ def test_broker_passwords_never_reach_the_log_even_at_debug(cluster):
             assert result.returncode == 1
             outputs.append(result.stdout + result.stderr)
     finally:
-        rabbitmqctl("delete_user", "gis-secret-user", check=False)
+        rabbitmqctl("delete_user", user, check=False)
     log = node.log.read_text()
     assert " DEBUG " in log
-    assert "cannot reach the broker: amqp://gis-secret-user:****@127.0.0.1:5999" in log
-    assert "gis-secret-user" in log  # the user name may appear, never the password
+    assert f"cannot reach the broker: amqp://{user}:****@127.0.0.1:5999" in log
+    assert user in log  # the user name may appear, never the password
     assert "S3cr3t" not in log + "".join(outputs)
