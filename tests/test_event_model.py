@@ -29,7 +29,7 @@ from glance_image_sync.sync.apply import ImageSync
 IMAGES = 4
 # As the cluster's nodes declare them (tools/localcluster.py: retry_delays = 1,2).
 TOPOLOGY = TopologySettings(exchange="glance", topic="glance_notifications", durable=False,
-                            queue_type="classic", retry_delays=(1, 2))
+                            quorum=False, retry_delays=(1, 2))
 PRESENT_TYPES = ["image.upload", "image.activate", "image.update"]
 
 

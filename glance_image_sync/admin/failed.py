@@ -22,7 +22,7 @@ from glance_image_sync.broker import connection as broker
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.consumer import NODE_HEADER, QUEUE_HEADER, REASON_HEADER
 from glance_image_sync.broker.publisher import ConfirmingPublisher
-from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, Rejected
+from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, BrokerUnavailable, Rejected
 from glance_image_sync.sync.worker import ATTEMPT_HEADER, ERROR_HEADER
 
 REPLAYED_HEADER = "x-gis-replayed"
@@ -120,8 +120,8 @@ def main(args, settings, out=None) -> int:
     out = out or sys.stdout
     node = settings.nodes.this
     try:
-        connection = broker.connect(settings.broker)
-    except broker.ERRORS as exc:
+        connection, _ = broker.connect(settings.broker)
+    except BrokerUnavailable as exc:
         unreachable = exc
     else:
         with connection:

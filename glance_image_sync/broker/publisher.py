@@ -14,10 +14,16 @@ handed to ``defer``): ``ok`` when the broker confirmed the message *and*
 routed it to a queue, otherwise False with the reason (nacked, or returned as
 unroutable). If the connection dies first it is never called: the caller
 then leaves its source message unacked, so the broker delivers it again.
+
+While ``blocked()`` says the broker blocks publishing (a resource alarm),
+publishes are held in order and sent by ``resume()``: a blocked broker
+stops reading the connection, and writing into it would only fill the
+socket's buffers until the write times out.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections import OrderedDict
 
@@ -84,9 +90,10 @@ class Confirmations:
 
 
 class ConfirmingPublisher:
-    def __init__(self, connection, defer):
+    def __init__(self, connection, defer, blocked=None):
         """``connection``: a connected kombu Connection; ``defer(fn)`` runs ``fn()``
-        on the connection's thread once py-amqp's dispatch has returned."""
+        on the connection's thread once py-amqp's dispatch has returned;
+        ``blocked()``: True while the broker blocks publishing."""
         self.channel = connection.channel()
         self.channel.confirm_select()
         self.channel.events["basic_ack"].add(self._on_ack)
@@ -94,10 +101,13 @@ class ConfirmingPublisher:
         self.channel.events["basic_return"].add(self._on_return)
         self.confirmations = Confirmations()
         self._defer = defer
+        self._blocked = blocked or (lambda: False)
+        self._held = collections.deque()  # (message, exchange, routing key, on_done)
 
     @property
     def pending(self) -> int:
-        return len(self.confirmations)
+        """Publishes not settled yet: sent and unconfirmed, or held."""
+        return len(self.confirmations) + len(self._held)
 
     def publish(self, body: bytes, routing_key: str, on_done, exchange: str = "",
                 headers=None, content_type: str = "application/json",
@@ -111,9 +121,21 @@ class ConfirmingPublisher:
             properties["application_headers"] = dict(headers)
         if expiration_ms is not None:
             properties["expiration"] = str(expiration_ms)
+        message = amqp.Message(body, **properties)
+        if self._held or self._blocked():
+            self._held.append((message, exchange, routing_key, on_done))
+            return
+        self._send(message, exchange, routing_key, on_done)
+
+    def resume(self) -> None:
+        """Send what was held while the broker blocked publishing, in order."""
+        while self._held and not self._blocked():
+            self._send(*self._held.popleft())
+
+    def _send(self, message, exchange, routing_key, on_done) -> None:
         self.confirmations.published(exchange, routing_key, on_done)
-        self.channel.basic_publish(amqp.Message(body, **properties), exchange=exchange,
-                                   routing_key=routing_key, mandatory=True)
+        self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key,
+                                   mandatory=True)
 
     def _settled(self, delivery_tag, multiple, nacked) -> None:
         for on_done, ok, reason in self.confirmations.settle(delivery_tag, multiple, nacked):

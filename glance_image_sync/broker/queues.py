@@ -1,19 +1,31 @@
 """How many messages wait in the queues of glance-image-sync, and who reads them.
 
 Read-only: every queue is looked at with a passive declaration on a short
-connection of its own, so nothing is created, re-declared or consumed, and a
-queue that does not exist is reported as missing (RabbitMQ closes the channel
-of a passive declaration that finds nothing; the next queue gets a new one).
+connection of its own, so nothing is created or consumed, and a queue that
+does not exist is reported as missing (RabbitMQ closes the channel of a
+passive declaration that finds nothing; the next queue gets a new one).
 ``status`` and the metrics both read the broker through here.
+
+With ``check``, Glance's queue and this node's own queues, where they exist,
+are also declared again as the settings declare them: an equivalent
+declaration changes nothing, and one that RabbitMQ refuses is a ``Mismatch``
+for ``status`` to report.
 """
 
 from __future__ import annotations
 
+import socket
+import time
 from dataclasses import dataclass
+
+import amqp
 
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.broker import topology
 from glance_image_sync.exceptions import BrokerUnavailable
+
+PROBE_ROUTING_KEY = f"{topology.PREFIX}.probe (routed nowhere)"
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class Overview:
     notifications: QueueStats
     nodes: tuple  # NodeQueues, in api_nodes order
     dead_letter: QueueStats
+    mismatches: tuple = ()  # topology.Mismatch, with check=True
+    blocked: str | None = None  # with check=True: why the broker blocks publishers, if it does
 
     def all_queues(self):
         yield self.notifications
@@ -56,7 +70,7 @@ class Overview:
         yield self.dead_letter
 
 
-def overview(settings) -> Overview:
+def overview(settings, check=False) -> Overview:
     """Every queue of the cluster as the broker sees it now; BrokerUnavailable if unreachable."""
     topo = settings.topology
     names = [topology.notification_queue_name(topo), topology.DEAD_LETTER_QUEUE]
@@ -65,24 +79,59 @@ def overview(settings) -> Overview:
         main, *retries, failed = [q.name for q in topology.node_queues(node, topo)]
         per_node[node] = (main, retries, failed)
         names += [main, *retries, failed]
-    found = read(settings.broker, names)
+    checked = ([topology.notification_queue(topo), topology.dead_letter_queue(topo),
+                *topology.node_queues(settings.nodes.this, topo)] if check else [])
+    found, mismatches, blocked = read(settings.broker, names, checked)
     return Overview(
         notifications=found[names[0]],
         nodes=tuple(NodeQueues(node, found[main], tuple(found[r] for r in retries),
                                found[failed])
                     for node, (main, retries, failed) in per_node.items()),
         dead_letter=found[topology.DEAD_LETTER_QUEUE],
+        mismatches=tuple(mismatches),
+        blocked=blocked,
     )
 
 
-def read(broker, names) -> dict:
-    """{name: QueueStats} for each queue name; BrokerUnavailable if unreachable."""
+def read(broker, names, check=()) -> tuple:
+    """({name: QueueStats} for each queue name, [Mismatch] among the ``check`` queues
+    that exist, why the broker blocks publishers or None); BrokerUnavailable if
+    unreachable. With ``check``, whether the broker blocks publishers is asked too."""
+    blocked = []
+    connection, index = brokers.connect(broker, on_blocked=blocked.append,
+                                        on_unblocked=blocked.clear)
     try:
-        with brokers.connect(broker) as connection:
-            return _declare_passively(connection, names)
+        with connection:
+            found = _declare_passively(connection, names)
+            with topology.Declarer(connection) as declarer:
+                for queue in check:
+                    if found[queue.name].exists:
+                        declarer.queue(queue)
+            if check:
+                _probe_publishing(connection, blocked)
+            return found, declarer.mismatches, (blocked[0] if blocked else None)
     except brokers.ERRORS as exc:
-        reason = str(exc) or type(exc).__name__
-    raise BrokerUnavailable(f"{broker.redacted()}: {reason}")
+        reason = brokers.describe(exc)
+    raise BrokerUnavailable(f"{brokers.redact_url(broker.urls[index])}: {reason}")
+
+
+def _probe_publishing(connection, blocked) -> None:
+    """Publish one unroutable message, confirmed: the broker acks it at once, unless a
+    resource alarm blocks publishers, when it sends connection.blocked (``blocked``)."""
+    channel = connection.channel()
+    channel.confirm_select()
+    acked = []
+    channel.events["basic_ack"].add(lambda *_: acked.append(True))
+    # No queue is named so: the default exchange drops it, and nothing changes.
+    channel.basic_publish(amqp.Message(b""), exchange="", routing_key=PROBE_ROUTING_KEY)
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    while not acked and not blocked and time.monotonic() < deadline:
+        try:
+            connection.drain_events(timeout=max(0.01, deadline - time.monotonic()))
+        except socket.timeout:
+            break
+    if not acked and not blocked:
+        blocked.append(f"no confirm of a publish within {PROBE_TIMEOUT:.0f} s")
 
 
 def _declare_passively(connection, names) -> dict:
