@@ -79,9 +79,10 @@ def overview(settings, check=False) -> Overview:
         main, *retries, failed = [q.name for q in topology.node_queues(node, topo)]
         per_node[node] = (main, retries, failed)
         names += [main, *retries, failed]
-    checked = ([topology.notification_queue(topo), topology.dead_letter_queue(topo),
+    checked = ([topology.dead_letter_queue(topo),
                 *topology.node_queues(settings.nodes.this, topo)] if check else [])
-    found, mismatches, blocked = read(settings.broker, names, checked)
+    found, mismatches, blocked = read(settings.broker, names, checked,
+                                      topo if check else None)
     return Overview(
         notifications=found[names[0]],
         nodes=tuple(NodeQueues(node, found[main], tuple(found[r] for r in retries),
@@ -93,10 +94,11 @@ def overview(settings, check=False) -> Overview:
     )
 
 
-def read(broker, names, check=()) -> tuple:
+def read(broker, names, check=(), glance=None) -> tuple:
     """({name: QueueStats} for each queue name, [Mismatch] among the ``check`` queues
     that exist, why the broker blocks publishers or None); BrokerUnavailable if
-    unreachable. With ``check``, whether the broker blocks publishers is asked too."""
+    unreachable. With ``glance`` (TopologySettings), Glance's queue is checked
+    too, and whether the broker blocks publishers is asked."""
     blocked = []
     connection, index = brokers.connect(broker, on_blocked=blocked.append,
                                         on_unblocked=blocked.clear)
@@ -107,7 +109,9 @@ def read(broker, names, check=()) -> tuple:
                 for queue in check:
                     if found[queue.name].exists:
                         declarer.queue(queue)
-            if check:
+                if glance is not None and found[topology.notification_queue_name(glance)].exists:
+                    topology.check_notification_queue(declarer, glance)
+            if glance is not None:
                 _probe_publishing(connection, blocked)
             return found, declarer.mismatches, (blocked[0] if blocked else None)
     except brokers.ERRORS as exc:

@@ -25,6 +25,7 @@ the queue is used as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -166,12 +167,63 @@ class Declarer:
 
 def declare_notification_queue(connection, topology) -> tuple:
     """(Glance's queue, [Mismatch]): exchange, queue and binding declared as Glance's notifier
-    would; an existing one with other arguments is left as it is."""
+    would; an existing one with other arguments is left as it is, and reported once."""
     queue = notification_queue(topology)
     with Declarer(connection) as declarer:
         declarer.exchange(queue.exchange)
         declarer.queue(queue, bind=True)
-    return queue, declarer.mismatches
+        mismatches = declarer.mismatches
+        if mismatches:
+            # RabbitMQ names the first property that differs ('durable', when a
+            # quorum queue meets a classic declaration): the setting that would
+            # make our declaration equivalent is the one to name.
+            setting = _differing_setting(declarer, topology)
+            first = next((m for m in mismatches if m.kind == "queue"), mismatches[0])
+            name = first.name
+            if first.kind == "queue" and any(m.kind == "exchange" for m in mismatches):
+                name += f" (and its exchange {queue.exchange.name})"
+            mismatches = [dataclasses.replace(first, name=name,
+                                              setting=setting or first.setting)]
+    return queue, mismatches
+
+
+def check_notification_queue(declarer, topology) -> None:
+    """Declare Glance's existing queue again (no binding, no exchange): a refused
+    declaration is recorded in ``declarer``, naming the setting that differs."""
+    before = len(declarer.mismatches)
+    declarer.queue(notification_queue(topology))
+    if len(declarer.mismatches) > before:
+        found = declarer.mismatches.pop()
+        setting = _differing_setting(declarer, topology)
+        del declarer.mismatches[before:]
+        declarer.mismatches.append(dataclasses.replace(found, setting=setting or found.setting))
+
+
+def _differing_setting(declarer, topology) -> str | None:
+    """The one setting whose other value declares Glance's existing queue equivalently."""
+    quorum = not topology.quorum
+    arguments = dict(topology.notification_arguments)
+    if quorum:
+        arguments["x-queue-type"] = "quorum"
+    else:
+        arguments = {k: v for k, v in arguments.items()
+                     if k not in ("x-queue-type", "x-delivery-limit", "x-max-in-memory-length",
+                                  "x-max-in-memory-bytes")}
+    candidates = [("rabbit_quorum_queue", dataclasses.replace(
+        topology, quorum=quorum, durable=durable,
+        notification_arguments=tuple(sorted(arguments.items()))))
+        for durable in ((True,) if quorum else (True, False))]
+    if not topology.quorum:
+        candidates.append(("amqp_durable_queues",
+                           dataclasses.replace(topology, durable=not topology.durable)))
+    candidates.append(("amqp_auto_delete",
+                       dataclasses.replace(topology, auto_delete=not topology.auto_delete)))
+    for setting, other in candidates:
+        before = len(declarer.mismatches)
+        declarer.queue(notification_queue(other))
+        if len(declarer.mismatches) == before:
+            return setting
+    return None
 
 
 def declare_own_queues(connection, nodes, topology) -> list:
