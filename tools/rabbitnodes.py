@@ -123,6 +123,7 @@ class RabbitNode:
         self.dist_port = free_port()
         self.tls = tls
         self.tls_port = free_port() if tls else None
+        self.server_certificate = tls.server if tls else None  # (cert, key)
         self.process = None
         self.output = None
 
@@ -178,9 +179,11 @@ class RabbitNode:
             "disk_free_limit.absolute = 1MB",
         ]
         if self.tls:
-            key = self.tls.server
+            key = self.server_certificate
             lines += [
                 f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}",
+                # The same listener on an address the certificate does not name.
+                f"listeners.ssl.2 = 127.0.0.2:{self.tls_port}",
                 f"ssl_options.cacertfile = {self.tls.ca}",
                 f"ssl_options.certfile = {key[0]}",
                 f"ssl_options.keyfile = {key[1]}",
@@ -191,13 +194,7 @@ class RabbitNode:
 
     def use_server_certificate(self, certificate) -> None:
         """Serve ``(cert, key)`` on the TLS listener from the next start on."""
-        config = self.dir / "rabbitmq.conf"
-        text = config.read_text()
-        lines = [line for line in text.splitlines()
-                 if not line.startswith(("ssl_options.certfile", "ssl_options.keyfile"))]
-        lines += [f"ssl_options.certfile = {certificate[0]}",
-                  f"ssl_options.keyfile = {certificate[1]}"]
-        config.write_text("\n".join(lines) + "\n")
+        self.server_certificate = certificate
 
     def start(self) -> None:
         """Start the node (returns at once; see ``wait_started``)."""

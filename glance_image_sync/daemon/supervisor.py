@@ -56,15 +56,18 @@ class Supervisor:
         self._reload_requested = False
         self._failure = None
         self._exit_status = 0
+        self._stopping = threading.RLock()  # one says why it stops, once (signals too)
         self.loops = []
 
     # -- signals -------------------------------------------------------------
 
     def request_stop(self, *_):
-        if not self.stop_event.is_set():
+        with self._stopping:
+            first = not self.stop_event.is_set()
+            self.stop_event.set()
+        if first:
             self.notifier.stopping()
             LOG.info("stopping: abandoning running transfers (their events stay queued)")
-        self.stop_event.set()
         for loop in self.loops:
             loop.wake()
         self._attention.set()
@@ -121,10 +124,13 @@ class Supervisor:
             self._exit_status = self._exit_status or 1
             self.request_stop()
             return
-        # Logged outside the except block: oslo.log would append the traceback.
-        LOG.error("configuration error, stopping: %s", refused)
+        with self._stopping:
+            first = self._exit_status != EXIT_BROKER_REFUSED
+            self._exit_status = EXIT_BROKER_REFUSED
+        if first:  # both loops meet it: one line
+            # Logged outside the except block: oslo.log would append the traceback.
+            LOG.error("configuration error, stopping: %s", refused)
         self._failure = str(refused)
-        self._exit_status = EXIT_BROKER_REFUSED
         self.request_stop()
 
     def _supervise(self) -> None:
