@@ -124,7 +124,7 @@ def main(args, settings, out=None) -> int:
     except BrokerUnavailable as exc:
         unreachable = exc
     else:
-        with connection:
+        try:
             if args.action == "replay":
                 moved = replay(connection, node, settings.nodes, set(args.image_ids) or None)
                 out.write(f"{moved} failed events of {node} back in "
@@ -134,5 +134,7 @@ def main(args, settings, out=None) -> int:
                      else topology.failed_queue_name(node))
             out.write(render(browse(connection, queue, settings.nodes), args.format) + "\n")
             return EXIT_OK
+        finally:
+            broker.close(connection)
     print(f"glance-image-sync: cannot reach the broker: {unreachable}", file=sys.stderr)
     return EXIT_FAILED

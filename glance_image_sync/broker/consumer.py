@@ -123,6 +123,8 @@ class QueueConsumer:
         LOG.info("%s: consuming %s", self.name, self.queue.name)
 
     def connection_lost(self) -> None:
+        if self.publisher is not None:
+            self.publisher.discard()
         self.channel = self.publisher = self.acks = None
         self.in_flight = 0
 

@@ -189,7 +189,7 @@ class ConnectionLoop:
                 self.blocked = None
                 self.component.connection_lost()
                 if connection is not None:
-                    _close_quietly(connection)
+                    broker.close(connection)
             # Logged outside the except block: oslo.log would append the
             # exception a second time.
             if error is not None:
@@ -321,10 +321,4 @@ def _empty_pipe(fd) -> None:
     except BlockingIOError:
         pass
 
-
-def _close_quietly(connection) -> None:
-    try:
-        connection.release()
-    except Exception:  # noqa: BLE001 - the connection is being thrown away
-        LOG.debug("error while closing a broker connection", exc_info=True)
 

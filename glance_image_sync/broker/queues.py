@@ -103,7 +103,7 @@ def read(broker, names, check=(), glance=None) -> tuple:
     connection, index = brokers.connect(broker, on_blocked=blocked.append,
                                         on_unblocked=blocked.clear)
     try:
-        with connection:
+        try:
             found = _declare_passively(connection, names)
             with topology.Declarer(connection) as declarer:
                 for queue in check:
@@ -114,6 +114,8 @@ def read(broker, names, check=(), glance=None) -> tuple:
             if glance is not None:
                 _probe_publishing(connection, blocked)
             return found, declarer.mismatches, (blocked[0] if blocked else None)
+        finally:
+            brokers.close(connection)
     except brokers.ERRORS as exc:
         reason = brokers.describe(exc)
     raise BrokerUnavailable(f"{brokers.redact_url(broker.urls[index])}: {reason}")
