@@ -10,7 +10,8 @@ demo: deps
 	.venv/bin/python -m tools.demo
 
 test: deps lint
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest --cov --cov-report=term
+	.venv/bin/python -m tools.coverage_floor --total 85 --module 60
 
 unit:
 	.venv/bin/python -m pytest -m "not cluster and not broker"

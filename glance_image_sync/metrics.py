@@ -22,9 +22,12 @@ What is read when the metrics are collected (a scrape, or a textfile write):
     a queue that does not exist has no sample;
 ``glance_image_sync_broker_up``
     1 if the broker answered, else 0;
-``glance_image_sync_last_success_timestamp_seconds``, ``..._last_error_timestamp_seconds``
+``glance_image_sync_last_success_timestamp_seconds{node}``,
+``glance_image_sync_last_error_timestamp_seconds{node}``
     from this node's state file, so a cron run that applied nothing still
-    reports when the last one did; no sample before the first.
+    reports when the last one did; no sample before the first. ``node`` is
+    this node's name in api_nodes, as in its queue's name, so an alert can
+    join the two (etc/prometheus/glance-image-sync-rules.yml).
 
 Both ways out are off by default: ``Exporter`` serves them over HTTP from the
 daemon (``metrics_listen_port``, on loopback unless ``metrics_listen_address``
@@ -101,7 +104,8 @@ class Metrics:
         if settings is not None:
             self._broker = _BrokerCollector(settings)
             self.registry.register(self._broker)
-            self.registry.register(_NodeStateCollector(settings.store.state_dir))
+            self.registry.register(_NodeStateCollector(settings.nodes.this,
+                                                       settings.store.state_dir))
 
     def received(self, action: str) -> None:
         self.events_received.labels(action).inc()
@@ -169,7 +173,8 @@ class _BrokerCollector:
 class _NodeStateCollector:
     """This node's last success and last error, from its state file."""
 
-    def __init__(self, state_dir):
+    def __init__(self, node, state_dir):
+        self.node = node
         self.state_dir = state_dir
 
     def describe(self):
@@ -177,9 +182,11 @@ class _NodeStateCollector:
 
     def collect(self):
         success = GaugeMetricFamily(f"{PREFIX}_last_success_timestamp_seconds",
-                                    "When this node last applied an event (Unix time).")
+                                    "When this node last applied an event (Unix time).",
+                                    labels=["node"])
         error = GaugeMetricFamily(f"{PREFIX}_last_error_timestamp_seconds",
-                                  "When an event last failed on this node (Unix time).")
+                                  "When an event last failed on this node (Unix time).",
+                                  labels=["node"])
         try:
             snapshot = nodestate.load(self.state_dir)
         except NodeStateError as exc:
@@ -187,9 +194,9 @@ class _NodeStateCollector:
         else:
             failure = None
             if snapshot.last_success:
-                success.add_metric([], snapshot.last_success.time)
+                success.add_metric([self.node], snapshot.last_success.time)
             if snapshot.last_error:
-                error.add_metric([], snapshot.last_error.time)
+                error.add_metric([self.node], snapshot.last_error.time)
         if failure is not None:
             LOG.warning("metrics: %s", failure)
         yield from (success, error)

@@ -117,6 +117,22 @@ transfer_opts = [
         help="User rsync logs in as on the other nodes (over ssh).",
     ),
     cfg.StrOpt(
+        "rsync_remote_paths",
+        default="absolute",
+        choices=[
+            ("absolute", "<rsync_user>@<node>:<filesystem_store_datadir>/<image id>: for "
+             "a key without a forced command, or one restricted with rrsync -absolute "
+             "(rrsync of rsync 3.5 and later)."),
+            ("relative", "<rsync_user>@<node>:<image id>, relative to the directory the "
+             "peer's rrsync restricts the key to: works with every rrsync (that of "
+             "Ubuntu 22.04 and 24.04, rsync 3.2.7, has no -absolute). Needs that "
+             "restriction: without it the path is relative to rsync_user's home."),
+        ],
+        help="How rsync names a file on a peer. 'glance-image-sync doctor' says which "
+        "form each peer accepts; 'glance-image-sync ssh-keys' prints the matching "
+        "authorized_keys line.",
+    ),
+    cfg.StrOpt(
         "ssh_config_file",
         default=None,
         help="ssh client configuration for rsync (passed as ssh -F): ports, "

@@ -6,6 +6,7 @@ parsed ``conf`` and the ``Settings`` read from it, or raises ``ConfigError``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 from oslo_config import cfg
@@ -30,7 +31,8 @@ def prepare(conf, argv, command_opt) -> Settings:
     conf.register_cli_opt(command_opt)
     default_files = [DEFAULT_CONFIG_FILE] if os.path.exists(DEFAULT_CONFIG_FILE) else []
     try:
-        conf(argv, project="glance", prog=PROG, default_config_files=default_files)
+        conf(argv, project="glance", prog=PROG, version=_version(),
+             default_config_files=default_files)
         setup_logging(conf)
         settings = Settings.from_conf(conf)
     except cfg.Error as exc:
@@ -49,3 +51,10 @@ def setup_logging(conf) -> None:
                               "(python3-systemd, or pip install glance-image-sync[journal]); "
                               "under systemd, stdout already reaches the journal") from None
     logging.setup(conf, PROG)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("glance-image-sync")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree, not installed
+        return "unknown"

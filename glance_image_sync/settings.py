@@ -82,6 +82,9 @@ class TransferSettings:
     ciphers: str | None = None  # ssh's Ciphers, or None for its own choice
     control_dir: str | None = None  # where ssh's connection sockets live, if reused
     control_persist: int = 0
+    # "absolute": <datadir>/<id> on the peer; "relative": <id>, relative to the
+    # directory the peer's rrsync restricts the key to.
+    remote_paths: str = "absolute"
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Settings:
                 total_timeout=conf.transfer_timeout,
                 bwlimit=conf.rsync_bwlimit,
                 remote_datadir=datadir,
+                remote_paths=conf.rsync_remote_paths,
                 ciphers=_ciphers(conf.ssh_ciphers),
                 **_control(conf.ssh_control_persist, conf.state_dir),
             ),

@@ -1,8 +1,9 @@
 """Least privilege on the real cluster: what a peer's key may do, host keys, forged messages.
 
 The README tells operators to restrict the key the nodes log in with to a read-only rrsync of
-the image store (``command="rrsync -ro -absolute /var/lib/glance/images",restrict`` in
-``authorized_keys``). Here every node's sshd has exactly that line: replication still works,
+the image store (``command="rrsync -ro /var/lib/glance/images",restrict`` in
+``authorized_keys``, with ``rsync_remote_paths = relative``; or the same with ``-absolute``
+where rrsync has it). Here every node's sshd has one of those lines: replication still works,
 and everything else that key could be used for is refused. A peer whose host key is unknown
 or has changed is never copied from. Forged messages with look-alike ids and publishers
 change nothing, on any node.
@@ -10,6 +11,7 @@ change nothing, on any node.
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import uuid
@@ -26,6 +28,7 @@ from tests.clusterhelpers import (
 from tools.localcluster import (
     DATADIR,
     RRSYNC_KEY_OPTIONS,
+    RRSYNC_RELATIVE_KEY_OPTIONS,
     STORE_GID,
     STORE_UID,
     wait_for,
@@ -52,9 +55,16 @@ def pull(cluster, remote, dest) -> subprocess.CompletedProcess:
                                f"root@node1:{remote}", str(dest)])
 
 
-@restricted_key
-def test_a_key_restricted_to_read_only_rrsync_still_replicates(cluster):
-    assert cluster.authorized_keys.read_text().startswith(RRSYNC_KEY_OPTIONS + " ssh-")
+@pytest.mark.parametrize("options", [
+    pytest.param(RRSYNC_KEY_OPTIONS, id="rrsync-absolute",
+                 marks=pytest.mark.cluster_setup(restricted_key=True)),
+    # rrsync without -absolute, as on Ubuntu 22.04 and 24.04: paths relative to the store.
+    pytest.param(RRSYNC_RELATIVE_KEY_OPTIONS, id="rrsync-relative", marks=[
+        pytest.mark.cluster_setup(restricted_key=RRSYNC_RELATIVE_KEY_OPTIONS),
+        pytest.mark.cluster_config(rsync_remote_paths="relative")]),
+])
+def test_a_key_restricted_to_read_only_rrsync_still_replicates(cluster, options):
+    assert cluster.authorized_keys.read_text().startswith(options + " ssh-")
     first, first_md5, first_size = cluster.new_image("node1", size=3 * 1024 * 1024 + 5)
     second, second_md5, second_size = cluster.new_image("node3", size=1024 * 1024, mode=0o644)
     cluster.upload(first, first_md5, first_size)
@@ -71,6 +81,11 @@ def test_a_key_restricted_to_read_only_rrsync_still_replicates(cluster):
         assert sorted(node.files()) == sorted([first, second]), node.name
     assert "installed and verified on node2 (from node1)" in cluster["node2"].log.read_text()
     assert "installed and verified on node1 (from node3)" in cluster["node1"].log.read_text()
+
+    # reconcile lists the peers and asks them for md5s through the same restriction.
+    result = cluster["node2"].run("reconcile", "--format", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["peers"]["node1"]["reachable"] is True
 
     cluster.delete(first, first_md5, first_size)
     run_both_everywhere(cluster)
@@ -217,3 +232,34 @@ def test_a_peer_with_an_unknown_or_changed_host_key_is_never_copied_from(cluster
     known_hosts.write_text(genuine)
     wait_for(lambda: node2.run("sync-images").returncode in (0, 1) and node2.has(image_id, md5),
              60, interval=0.5, what="the copy once the genuine key is known again")
+
+
+@pytest.mark.cluster_config(rsync_remote_paths="relative")
+def test_the_lines_ssh_keys_prints_are_all_a_cluster_needs(cluster):
+    hosts = cluster.base / "host-keys"
+    hosts.mkdir()
+    for node in cluster.nodes:  # what an operator collects: each node's host public key
+        shutil.copy(node.dir / "ssh/host_ed25519.pub", hosts / f"{node.name}.pub")
+    cluster.authorized_keys.write_text("")
+    (cluster.base / "known_hosts").write_text("")
+    authorized, known = set(), set()
+    for node in cluster.nodes:
+        result = node.run("ssh-keys", "--public-key", str(cluster.client_key) + ".pub",
+                          "--host-keys", str(hosts), "--format", "json")
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        authorized |= set(doc["authorized_keys"].values())
+        known |= {line for lines in doc["known_hosts"].values() for line in lines}
+    # The nodes share one client key and one authorized_keys file here.
+    assert authorized == {f"{RRSYNC_RELATIVE_KEY_OPTIONS} "
+                          + " ".join((cluster.base / "client_ed25519.pub").read_text().split()[:2])
+                          + f" glance-image-sync@{name}" for name in ("node1", "node2", "node3")}
+    cluster.authorized_keys.write_text(sorted(authorized)[0] + "\n")
+    (cluster.base / "known_hosts").write_text("".join(line + "\n" for line in sorted(known)))
+
+    image_id, md5, size = cluster.new_image("node2", size=256 * 1024)
+    cluster.upload(image_id, md5, size, publisher="node2")
+    run_both_everywhere(cluster)
+    assert all(node.has(image_id, md5) for node in cluster.nodes)
+    result = cluster["node1"].run("doctor")
+    assert result.returncode == 0, result.stdout

@@ -1,5 +1,6 @@
 """Options, Settings, and the generated sample configuration."""
 
+import importlib.metadata
 import pathlib
 import subprocess
 import sys
@@ -124,3 +125,10 @@ def test_empty_ssh_ciphers_and_zero_persist_leave_ssh_to_itself(tmp_path):
                            "ssh_control_persist = 0\n")
     assert settings.transfer.ciphers is None
     assert settings.transfer.control_dir is None
+
+
+def test_the_package_runs_as_a_module_and_says_its_version():
+    result = subprocess.run([sys.executable, "-m", "glance_image_sync", "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == importlib.metadata.version("glance-image-sync")

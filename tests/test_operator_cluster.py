@@ -23,8 +23,12 @@ def transfers(peer, result):
 APPLIED_OK = ("glance_image_sync_events_applied_total", (("result", "ok"),))
 APPLIED_FAILED = ("glance_image_sync_events_applied_total", (("result", "failed"),))
 RECEIVED_PRESENT = ("glance_image_sync_events_received_total", (("action", "present"),))
-LAST_SUCCESS = ("glance_image_sync_last_success_timestamp_seconds", ())
-LAST_ERROR = ("glance_image_sync_last_error_timestamp_seconds", ())
+def last_success(node):
+    return ("glance_image_sync_last_success_timestamp_seconds", (("node", node),))
+
+
+def last_error(node):
+    return ("glance_image_sync_last_error_timestamp_seconds", (("node", node),))
 BROKER_UP = ("glance_image_sync_broker_up", ())
 
 
@@ -38,7 +42,7 @@ def test_the_metrics_endpoint_counts_real_transfers(cluster):
     before = scrape(port)
     assert before[BROKER_UP] == 1
     assert before[APPLIED_OK] == 0
-    assert LAST_SUCCESS not in before
+    assert last_success("node2") not in before
 
     image_id, md5, size = cluster.new_image("node1", size=3 * 1024 * 1024 + 5)
     cluster.upload(image_id, md5, size)
@@ -55,20 +59,20 @@ def test_the_metrics_endpoint_counts_real_transfers(cluster):
         == 1
     assert got[queue_messages("glance_image_sync.node1")] == 3  # no daemon there
     assert got[queue_messages("glance_image_sync.node3")] == 3
-    assert started <= got[LAST_SUCCESS] <= time.time()
-    assert LAST_ERROR not in got
+    assert started <= got[last_success("node2")] <= time.time()
+    assert last_error("node2") not in got
 
     cluster["node1"].stop_sshd()
     lost, lost_md5, lost_size = cluster.new_image("node1", size=1024 * 1024)
     cluster.upload(lost, lost_md5, lost_size)
     # One scrape is no snapshot: the counters are collected before the state
     # file (after a query to the broker), so an attempt that ends in between
-    # shows in LAST_ERROR only. Wait until both say so.
-    got = scrape_until(port, lambda got: LAST_ERROR in got and got[APPLIED_FAILED] >= 1,
+    # shows in the last error only. Wait until both say so.
+    got = scrape_until(port, lambda got: last_error("node2") in got and got[APPLIED_FAILED] >= 1,
                        "a failed attempt recorded")
     assert got[transfers("node1", "failed")] >= 1
     assert got[transfers("node1", "ok")] == 1
-    assert got[LAST_ERROR] >= got[LAST_SUCCESS]
+    assert got[last_error("node2")] >= got[last_success("node2")]
     assert node2.stop_daemon() == 0
     with pytest.raises(OSError):
         scrape(port)  # the endpoint stops with the daemon
@@ -97,14 +101,14 @@ def test_a_cron_run_writes_a_textfile_and_status_reads_the_last_sync(cluster):
     assert got[BROKER_UP] == 1
     assert got[queue_messages("glance_image_sync.node3")] == 0
     assert got[queue_messages("glance_image_sync.node1")] == 3
-    assert started <= got[LAST_SUCCESS] <= time.time()
+    assert started <= got[last_success("node3")] <= time.time()
     assert [name for name in os.listdir(textfile.parent)] == [textfile.name]
 
     result = node3.run("status", "--format", "json")
     doc = json.loads(result.stdout)
     assert result.returncode == 0, doc["problems"]
     assert doc["last_success"]["image_id"] == image_id
-    assert started <= doc["last_success"]["time"] == got[LAST_SUCCESS]
+    assert started <= doc["last_success"]["time"] == got[last_success("node3")]
     # node1 runs no daemon: its three events wait with nothing consuming them.
     result = node1.run("status")
     assert result.returncode == 1

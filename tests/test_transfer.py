@@ -10,9 +10,12 @@ import pytest
 
 from glance_image_sync.exceptions import Rejected, TransferFailed
 from glance_image_sync.settings import TransferSettings
+from glance_image_sync.transfer import listing
 from glance_image_sync.transfer.rsync import (
     CONTROL_DIR_MAX,
+    close_master,
     first_line,
+    remote_path,
     rsync_argv,
     subprocess_env,
 )
@@ -23,6 +26,7 @@ SETTINGS = TransferSettings(user="glance", ssh_config_file="/etc/glance/ssh_conf
                             connect_timeout=10, io_timeout=120, total_timeout=3600,
                             bwlimit=0, remote_datadir="/var/lib/glance/images")
 IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
+OTHER = "1f517f3b-0226-4ae4-a53e-e5239f6d2261"
 
 
 def test_rsync_gets_an_argument_list_with_operands_after_a_double_dash():
@@ -35,6 +39,28 @@ def test_rsync_gets_an_argument_list_with_operands_after_a_double_dash():
     assert ssh == ("ssh -o BatchMode=yes -o ConnectTimeout=10 -F /etc/glance/ssh_config")
     assert "StrictHostKeyChecking" not in " ".join(argv)
     assert "--timeout=120" in argv
+
+
+def test_relative_remote_paths_name_files_inside_the_directory_rrsync_restricts_to():
+    settings = TransferSettings(**{**SETTINGS.__dict__, "remote_paths": "relative"})
+    assert rsync_argv(settings, "node1", IMAGE, "/tmp/x")[-3:] == [
+        "--", f"glance@node1:{IMAGE}", "/tmp/x"]
+    assert rsync_argv(settings, "node1", [IMAGE, OTHER], "/tmp/d/")[-4:] == [
+        "--", f"glance@node1:{IMAGE}", f"glance@node1:{OTHER}", "/tmp/d/"]
+    # ".", never "./": an rrsync without -absolute reduces "./" to "" and refuses it.
+    assert listing.list_argv(settings, "node1")[-2:] == ["--", "glance@node1:."]
+    assert listing.list_argv(SETTINGS, "node1")[-2:] == [
+        "--", "glance@node1:/var/lib/glance/images/"]
+    assert listing.list_argv(SETTINGS, "node1", form="relative")[-1] == "glance@node1:."
+    assert remote_path(settings, "node1", IMAGE, form="absolute") == \
+        f"glance@node1:/var/lib/glance/images/{IMAGE}"
+
+
+def test_closing_a_kept_connection_asks_ssh_to_stop_its_master_and_nothing_else(tmp_path):
+    assert close_master(SETTINGS, "node1") is False  # no reuse configured: nothing kept
+    settings = TransferSettings(**{**SETTINGS.__dict__, "ssh_config_file": None,
+                                   "control_dir": str(tmp_path), "control_persist": 60})
+    assert close_master(settings, "node1") is False  # no socket: ssh says so, exit 255
 
 
 def test_rsync_argv_refuses_an_image_id_that_is_not_a_uuid():

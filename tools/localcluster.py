@@ -41,6 +41,9 @@ STORE_UID = STORE_GID = 4242
 # What README.rst tells operators to put before the peers' key in authorized_keys: rsync
 # may only read the image store (rrsync; -absolute lets our absolute remote paths through).
 RRSYNC_KEY_OPTIONS = f'command="rrsync -ro -absolute {DATADIR}",restrict'
+# The same without -absolute, as rrsync before rsync 3.5 (Ubuntu 22.04's and 24.04's
+# 3.2.7) has it: it takes only paths relative to the store (rsync_remote_paths = relative).
+RRSYNC_RELATIVE_KEY_OPTIONS = f'command="rrsync -ro {DATADIR}",restrict'
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
@@ -278,6 +281,8 @@ class Node:
 class LocalCluster:
     """The cluster; with ``restricted_key``, the client key may only run read-only rrsync.
 
+    ``restricted_key`` True puts RRSYNC_KEY_OPTIONS before the key in
+    ``authorized_keys``; a string puts those options instead.
     ``rabbit_options``: [oslo_messaging_rabbit] options of Glance's side and of
     every node alike. ``brokers``: a tools.rabbitnodes.RabbitNodes to use
     instead of the shared broker (every node of it in transport_url).
@@ -307,7 +312,9 @@ class LocalCluster:
         self.program = [str(script)] if script.exists() else [sys.executable, "-m",
                                                               "glance_image_sync"]
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.base),
-                    "LC_ALL": "C"}
+                    "LC_ALL": "C",
+                    # coverage.py's, set by the test run: the tool's processes report too.
+                    **{k: v for k, v in os.environ.items() if k.startswith("COVERAGE_")}}
         self._notifiers = {}
 
     def __getitem__(self, name) -> Node:
@@ -324,9 +331,8 @@ class LocalCluster:
         self.rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(self.client_key)], check=True)
-        public_key = (self.base / "client_ed25519.pub").read_text()
-        self.authorized_keys.write_text(
-            f"{RRSYNC_KEY_OPTIONS} {public_key}" if self.restricted_key else public_key)
+        self.authorize(RRSYNC_KEY_OPTIONS if self.restricted_key is True
+                       else self.restricted_key or None)
         for node in self.nodes:
             node.start_namespace()
             node.start_sshd()
@@ -346,6 +352,11 @@ class LocalCluster:
         for node in self.nodes:
             node.write_config(self.extra_config)
         return self
+
+    def authorize(self, options=None):
+        """Let the client key in on every node, with these authorized_keys ``options``."""
+        public_key = (self.base / "client_ed25519.pub").read_text()
+        self.authorized_keys.write_text(f"{options} {public_key}" if options else public_key)
 
     def stop(self):
         for node in self.nodes:

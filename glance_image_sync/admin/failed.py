@@ -94,10 +94,14 @@ def replay(connection, node: str, nodes, image_ids=None) -> int:
             publisher.publish(message.body, topology.node_queue_name(node), on_done=done,
                               headers={ATTEMPT_HEADER: 0, REPLAYED_HEADER: True},
                               content_type=message.content_type or "application/json")
-        while publisher.pending:
-            connection.drain_events(timeout=30)
+        # Confirms may have come in while basic_get waited for its answer:
+        # run what they settled before asking whether any are still due.
+        while True:
             while settled:
                 settled.popleft()()
+            if not publisher.pending:
+                break
+            connection.drain_events(timeout=30)
     finally:
         channel.close()
         publisher.channel.close()

@@ -46,3 +46,15 @@ def ago(seconds: float) -> str:
 def when(moment: float, now: float) -> str:
     """``2026-11-26 06:39:14+0000 (1 s ago)``."""
     return f"{iso(moment)} ({ago(now - moment)})"
+
+
+def size_text(size: int) -> str:
+    """``3.2 GiB``: a size in bytes, for a person."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

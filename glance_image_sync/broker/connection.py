@@ -16,6 +16,7 @@ A broker that refuses the credentials (ACCESS_REFUSED) raises
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 
@@ -131,6 +132,16 @@ def connect(broker, first=0, on_attempt=None, **callbacks) -> tuple:
             continue
         return conn, index
     raise BrokerUnavailable("; ".join(failures))
+
+
+@contextlib.contextmanager
+def connected(broker, **callbacks):
+    """A connected Connection (as ``connect``), closed with ``close`` at the end."""
+    conn, _ = connect(broker, **callbacks)
+    try:
+        yield conn
+    finally:
+        close(conn)
 
 
 def root_cause(exc):

@@ -9,7 +9,7 @@ One-shot commands for cron (``*/5 * * * * glance-image-sync both``;
 ``cmd.oneshot``): ``duplicate-notifications``, ``sync-images``, ``both``.
 
 For operators (``cmd.admin``): ``status``, ``reconcile``, ``failed list``,
-``failed replay``.
+``failed replay``; and (``cmd.node``) ``doctor``, ``show``, ``ssh-keys``.
 
 Exit status: 0 when everything was applied, 1 when something failed or was
 rejected (it is logged, and retried or kept where an operator finds it),
@@ -24,7 +24,7 @@ import sys
 from oslo_config import cfg
 
 from glance_image_sync import service
-from glance_image_sync.cmd import admin, daemon, oneshot
+from glance_image_sync.cmd import admin, daemon, node, oneshot
 from glance_image_sync.exceptions import (
     EXIT_BROKER_REFUSED,
     EXIT_CONFIG,
@@ -36,7 +36,7 @@ PROG = service.PROG
 
 
 def _add_commands(subparsers):
-    for module in (daemon, oneshot, admin):
+    for module in (daemon, oneshot, admin, node):
         module.add_parsers(subparsers)
 
 

@@ -55,6 +55,8 @@ class Supervisor:
         self._attention = threading.Event()
         self._reload_requested = False
         self._failure = None
+        self._ready = False  # READY=1 sent
+        self._consuming = False  # both loops have consumed ("ready: consuming" logged)
         self._exit_status = 0
         self._stopping = threading.RLock()  # one says why it stops, once (signals too)
         self.loops = []
@@ -134,27 +136,34 @@ class Supervisor:
         self.request_stop()
 
     def _supervise(self) -> None:
-        consuming = False
         interval = watchdog_interval()
-        # Started: the loops run. systemd arms the watchdog from here on.
-        self.notifier.status(self.status_text())
-        self.notifier.ready()
         while not self.stop_event.is_set():
-            if self._reload_requested:
-                self._reload_requested = False
-                self._reload()
-            healthy = not any(self._stuck_for(loop) for loop in self.loops)
-            if not consuming and all(loop.connected for loop in self.loops):
-                consuming = True
-                LOG.info("ready: consuming on %s", self.settings.nodes.this)
-            if interval is not None and healthy:
-                self.notifier.watchdog()
-            elif interval is not None:
-                LOG.error("a consumer shows no progress (%s); not pinging the watchdog",
-                          self.status_text())
-            self.notifier.status(self.status_text())
+            self._tick(interval)
             self._attention.wait(min(interval or STATUS_EVERY, STATUS_EVERY))
             self._attention.clear()
+
+    def _tick(self, interval) -> None:
+        """One look at the loops: reload if asked, then READY, WATCHDOG and STATUS."""
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload()
+        if not self._ready:
+            # Started: the loops run, and reaching the broker is their business
+            # (STATUS says which broker they wait for). systemd arms the
+            # watchdog from here on.
+            self._ready = True
+            self.notifier.status(self.status_text())
+            self.notifier.ready()
+        if not self._consuming and all(loop.connected for loop in self.loops):
+            self._consuming = True
+            LOG.info("ready: consuming on %s", self.settings.nodes.this)
+        healthy = not any(self._stuck_for(loop) for loop in self.loops)
+        if interval is not None and healthy:
+            self.notifier.watchdog()
+        elif interval is not None:
+            LOG.error("a consumer shows no progress (%s); not pinging the watchdog",
+                      self.status_text())
+        self.notifier.status(self.status_text())
 
     # -- reporting -----------------------------------------------------------
 

@@ -15,10 +15,12 @@ import time
 
 from glance_image_sync import events
 
+TOMBSTONES_DIR = "deleted"
+
 
 class Tombstones:
     def __init__(self, state_dir: str, memory_seconds: int):
-        self.path = os.path.join(state_dir, "deleted")
+        self.path = os.path.join(state_dir, TOMBSTONES_DIR)
         self.memory_seconds = memory_seconds
         os.makedirs(self.path, mode=0o750, exist_ok=True)
 

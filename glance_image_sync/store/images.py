@@ -77,7 +77,7 @@ class ImageStore:
             os.close(fd)
 
     def _md5_of(self, fd: int, st) -> str:
-        key = _cache_key(st)
+        key = file_version(st)
         with self._lock:
             cached = self._verified.get(key)
         if cached is not None:
@@ -91,6 +91,17 @@ class ImageStore:
             if len(self._verified) >= _CACHE_LIMIT:
                 self._verified.clear()
             self._verified[key] = digest
+
+    def verification(self, image_id: str):
+        """(file version, md5) of ``<id>`` as it is now, if this process verified that version."""
+        try:
+            st = os.stat(events.image_id(image_id), dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        key = file_version(st)
+        with self._lock:
+            md5 = self._verified.get(key)
+        return (key, md5) if md5 else None
 
     def list_images(self) -> dict:
         """{image id: size} of every regular file named like an image."""
@@ -153,7 +164,7 @@ class ImageStore:
             os.rename(temp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
             temp = None
             os.fsync(self.dir_fd)
-            self._remember(_cache_key(os.fstat(fd)), digest)
+            self._remember(file_version(os.fstat(fd)), digest)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull(f"disk full while writing {name} in {self.datadir}") from None
@@ -227,5 +238,6 @@ class ImageStore:
         return False
 
 
-def _cache_key(st):
+def file_version(st) -> tuple:
+    """What identifies one version of a file: a write, chmod, chown or rename changes it."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -14,6 +14,7 @@ from glance_image_sync.broker.loop import ConnectionLoop
 from glance_image_sync.exceptions import ConfigError, StoreError
 from glance_image_sync.metrics import Metrics
 from glance_image_sync.state.nodestate import NodeState
+from glance_image_sync.state.records import ImageRecords
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
 from glance_image_sync.sync.apply import ImageSync
@@ -43,10 +44,12 @@ def sync_loop(settings, stop_event=None, once=False):
                         settings.store.datadir)
         tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
         tombstones.prune()
+        records = ImageRecords(settings.store.state_dir, settings.store.deleted_memory)
+        records.prune()
         metrics = Metrics(settings)
         image_sync = ImageSync(settings.nodes, store, rsync, tombstones, metrics)
         worker = SyncWorker(settings, image_sync, dispatcher, metrics,
-                            NodeState(settings.store.state_dir))
+                            NodeState(settings.store.state_dir), records)
         loop = ConnectionLoop("sync", worker, settings.broker, stop_event, once)
         yield loop
     finally:

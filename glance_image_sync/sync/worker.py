@@ -52,12 +52,14 @@ def retry_delay(delays, attempts: int) -> int:
 class SyncWorker(QueueConsumer):
     name = "sync"
 
-    def __init__(self, settings, image_sync, dispatcher, metrics=None, node_state=None):
+    def __init__(self, settings, image_sync, dispatcher, metrics=None, node_state=None,
+                 records=None):
         super().__init__(settings)
         self.image_sync = image_sync
         self.dispatcher = dispatcher
         self.metrics = metrics or Metrics()
         self.node_state = node_state  # a NodeState, or None to keep no record
+        self.records = records  # an ImageRecords, or None to keep none per image
         self.prefetch = max(16, 4 * settings.max_parallel)
         self.refresh_after = settings.broker.consumer_timeout / 2
         self.delays = sorted(set(settings.topology.retry_delays))
@@ -102,6 +104,7 @@ class SyncWorker(QueueConsumer):
             outcome = Outcome(False, f"unexpected error: {exc}")
         self.metrics.applied(outcome)
         self._record(event, outcome)
+        self._record_image(event, outcome, attempts + 1)
         self.loop.call_soon(lambda: self._applied(delivery, event, attempts, outcome))
 
     def _record(self, event, outcome) -> None:
@@ -121,6 +124,28 @@ class SyncWorker(QueueConsumer):
             return
         LOG.warning("cannot record the outcome for image %s in %s: %s", event.image_id,
                     self.node_state.state_dir, failure)
+
+    def _record_image(self, event, outcome, attempt) -> None:
+        """The image's own record, for ``show`` (on the transfer thread).
+
+        Written when the store changed, when the attempt failed, and the first
+        time an image already in place is seen (its md5 was just computed); a
+        later no-op changes nothing worth a write.
+        """
+        if self.records is None or outcome.cancelled:
+            return
+        try:
+            if outcome.ok and not outcome.changed and self.records.has(event.image_id):
+                return
+            verified = (self.image_sync.store.verification(event.image_id)
+                        if outcome.ok and event.action is events.Action.PRESENT else None)
+            self.records.write(event, outcome.ok, outcome.detail, attempt, verified)
+        except OSError as exc:
+            failure = exc
+        else:
+            return
+        LOG.warning("cannot record image %s in %s: %s", event.image_id, self.records.path,
+                    failure)
 
     def _applied(self, delivery, event, attempts, outcome) -> None:
         """Back on the connection thread."""

@@ -39,9 +39,10 @@ class Entry:
     mtime: float  # seconds since the epoch, to the second
 
 
-def list_argv(settings, node: str) -> list:
+def list_argv(settings, node: str, form: str | None = None) -> list:
+    """The listing of ``node``'s store, its path in ``form`` (default: as configured)."""
     return ["rsync", "--list-only", "--no-human-readable", f"--timeout={settings.io_timeout}",
-            "-e", ssh_command(settings), "--", remote_path(settings, node)]
+            "-e", ssh_command(settings), "--", remote_path(settings, node, form=form)]
 
 
 def md5_argv(settings, node: str, image_id: str, dest_dir: str) -> list:

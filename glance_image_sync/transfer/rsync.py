@@ -51,8 +51,8 @@ def _die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def ssh_command(settings) -> str:
-    """rsync's ``-e``: ssh in batch mode, with our timeout and configuration."""
+def ssh_argv(settings) -> list:
+    """ssh in batch mode, with our timeout and configuration (no destination yet)."""
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={settings.connect_timeout}"]
     if settings.ciphers:
         ssh += ["-o", f"Ciphers={settings.ciphers}"]
@@ -61,12 +61,46 @@ def ssh_command(settings) -> str:
         # last transfer: no handshake (and no sshd start) per image. A peer that
         # dies is noticed by its keepalives within 15 s.
         ssh += ["-o", "ControlMaster=auto",
-                "-o", f"ControlPath={settings.control_dir}/ssh-%C",
+                "-o", f"ControlPath={_control_path(settings)}",
                 "-o", f"ControlPersist={settings.control_persist}",
                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     if settings.ssh_config_file:
         ssh += ["-F", settings.ssh_config_file]
-    return " ".join(ssh)
+    return ssh
+
+
+def ssh_command(settings) -> str:
+    """rsync's ``-e``: ``ssh_argv`` as one string (no element needs quoting)."""
+    return " ".join(ssh_argv(settings))
+
+
+def _control_path(settings) -> str:
+    return f"{settings.control_dir}/ssh-%C"
+
+
+def close_master(settings, node: str) -> bool:
+    """Retire the kept ssh connection to ``node`` (``ssh_control_persist``), if any.
+
+    A kept connection was authenticated when it was opened: until it goes, a
+    key revoked on the peer keeps working for it. ``ssh -O stop`` (not
+    ``exit``) makes it stop taking new sessions and leave once its running
+    ones end, so a transfer running beside ``doctor`` is not cut off; the next
+    transfer logs in afresh. True if a connection was there.
+    """
+    if not settings.control_dir:
+        return False
+    argv = ["ssh", "-o", f"ControlPath={_control_path(settings)}"]
+    if settings.ssh_config_file:
+        argv += ["-F", settings.ssh_config_file]  # the same %C as the transfers' ssh
+    argv += ["-O", "stop", "--", f"{settings.user}@{node}"]
+    LOG.debug("running %s", argv)
+    try:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                env=subprocess_env(), timeout=settings.connect_timeout + 5)
+    except subprocess.TimeoutExpired:
+        return False
+    # 255 and "No such file or directory": there was no kept connection.
+    return result.returncode == 0
 
 
 def rsync_argv(settings, node: str, image_ids, dest: str) -> list:
@@ -93,10 +127,20 @@ def rsync_argv(settings, node: str, image_ids, dest: str) -> list:
     return argv
 
 
-def remote_path(settings, node: str, image_id: str = "") -> str:
-    """rsync's operand for a peer's store (``image_id`` empty) or one image in it."""
+def remote_path(settings, node: str, image_id: str = "", form: str | None = None) -> str:
+    """rsync's operand for a peer's store (``image_id`` empty) or one image in it.
+
+    ``form`` (default: ``settings.remote_paths``) ``absolute``:
+    ``<user>@<node>:<datadir>/`` or ``<user>@<node>:<datadir>/<id>``;
+    ``relative``: ``<user>@<node>:.`` or ``<user>@<node>:<id>``, relative to the
+    directory the peer's rrsync restricts the key to (rrsync works from there).
+    ``.`` rather than ``./``: rrsync without ``-absolute`` reduces ``./`` to an
+    empty path and refuses it.
+    """
     if image_id:
         events.image_id(image_id)
+    if (form or settings.remote_paths) == "relative":
+        return f"{settings.user}@{node}:{image_id or '.'}"
     return f"{settings.user}@{node}:{settings.remote_datadir}/{image_id}"
 
 
@@ -109,12 +153,12 @@ def subprocess_env() -> dict:
 
 
 def run_rsync(argv: list, what: str, timeout: int, register=None, unregister=None) -> str:
-    """Run one rsync (and the ssh under it); its stdout, or TransferFailed.
+    """Run one rsync (and the ssh under it), or an ssh; its stdout, or TransferFailed.
 
-    The one place the package starts a program: an argument list, stdin from
-    /dev/null, the minimal environment, a session of its own (so rsync and
-    its ssh are killed together) that dies with us, and ``timeout`` seconds in
-    all. ``what`` names the transfer in errors ("rsync from node1").
+    Where the package starts its transfers and doctor's checks: an argument
+    list, stdin from /dev/null, the minimal environment, a session of its own
+    (so rsync and its ssh are killed together) that dies with us, and
+    ``timeout`` seconds in all. ``what`` names the transfer in errors ("rsync from node1").
     ``register(proc)`` may refuse to let it run by raising (it is killed).
     """
     LOG.debug("running %s", argv)
