@@ -87,10 +87,11 @@ FAILURES = {
         "127.0.0.2", lambda c: {"ssl_ca_file": c.ca},
         "SSLCertVerificationError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
         "failed: IP address mismatch, certificate is not valid for '127.0.0.2'"),
+    # The broker's alert says why, unless (TLS 1.3) its reset overtakes the alert.
     "an expired client certificate": (
         "localhost", lambda c: {"ssl_ca_file": c.ca, "ssl_cert_file": c.expired[0],
                                 "ssl_key_file": c.expired[1]},
-        "certificate expired"),
+        ("certificate expired", "it may refuse the client certificate ssl_cert_file")),
 }
 
 
@@ -109,9 +110,11 @@ def test_a_tls_failure_is_one_line_saying_what_failed(tls_broker, broker_vhost, 
     assert len(given_up) == 1, log
     assert (f"giving up: cannot reach the broker (amqp://guest:****@{host}:{port}/"
             f"{broker_vhost}: ") in given_up[0]
-    assert says in given_up[0], given_up[0]
+    says = (says,) if isinstance(says, str) else says
+    assert any(text in given_up[0] for text in says), given_up[0]
     status = run(config, "status")
-    assert status.returncode == 1 and says in status.stdout, status.stdout
+    assert status.returncode == 1 and any(text in status.stdout for text in says), \
+        status.stdout
 
 
 def test_the_daemon_logs_a_tls_failure_in_one_line_and_keeps_trying(tls_broker, broker_vhost,

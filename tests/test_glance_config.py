@@ -117,3 +117,31 @@ def test_tls_always_verifies_the_broker_and_its_host_name(tmp_path):
     (tmp_path / "plain").mkdir()
     _, plain = _prepare(_own_conf(tmp_path / "plain"))
     assert connection.connection(plain.broker, plain.broker.urls[0]).ssl is False
+
+
+def test_a_tls_connection_cut_short_says_what_it_most_likely_means(tmp_path):
+    import socket
+    import threading
+
+    from glance_image_sync.exceptions import BrokerUnavailable
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def hang_up():  # as a broker that refuses the client's certificate, without a word
+        peer, _ = server.accept()
+        peer.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    _, settings = _prepare(_own_conf(tmp_path, f"transport_url = rabbit://u:p@127.0.0.1:{port}/\n"
+                                     "[oslo_messaging_rabbit]\nssl = true\n"))
+    try:
+        with pytest.raises(BrokerUnavailable,
+                           match="it may refuse a connection without a client certificate"):
+            connection.connect(settings.broker)
+    finally:
+        thread.join(5)
+        server.close()

@@ -128,7 +128,7 @@ def connect(broker, first=0, on_attempt=None, **callbacks) -> tuple:
             if isinstance(cause, amqp.exceptions.AccessRefused):
                 raise BrokerRefused(f"{redact_url(url)} refused the credentials of "
                                     f"transport_url ({describe(cause)})") from None
-            failures.append(f"{redact_url(url)}: {describe(cause)}")
+            failures.append(f"{redact_url(url)}: {describe(cause)}{_tls_hint(broker, cause)}")
             continue
         return conn, index
     raise BrokerUnavailable("; ".join(failures))
@@ -142,6 +142,21 @@ def connected(broker, **callbacks):
         yield conn
     finally:
         close(conn)
+
+
+def _tls_hint(broker, cause) -> str:
+    """What a TLS connection cut short without a reason most likely means.
+
+    A broker that refuses the client's certificate (expired, unknown CA,
+    none given) sends an alert and resets the connection; with TLS 1.3 the
+    reset may reach us before the alert, and all that is left is an EOF.
+    """
+    if broker.tls is None or not isinstance(cause, (ssl.SSLEOFError, ConnectionResetError)):
+        return ""
+    given = ("the client certificate ssl_cert_file" if broker.tls.cert_file
+             else "a connection without a client certificate")
+    return (f" (the broker closed the TLS connection during the handshake: it may refuse "
+            f"{given}; its log says why)")
 
 
 def root_cause(exc):
