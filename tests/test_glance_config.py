@@ -131,6 +131,7 @@ def test_a_tls_connection_cut_short_says_what_it_most_likely_means(tmp_path):
 
     def hang_up():  # as a broker that refuses the client's certificate, without a word
         peer, _ = server.accept()
+        peer.recv(1)  # the client's hello: the handshake has begun
         peer.close()
 
     thread = threading.Thread(target=hang_up, daemon=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import urllib.parse
 
 import amqp
 from kombu import Connection
@@ -64,11 +65,9 @@ def connection(broker, url, on_blocked=None, on_unblocked=None) -> Connection:
     options = {"write_timeout": WRITE_TIMEOUT}
     if on_blocked is not None:
         options.update(on_blocked=on_blocked, on_unblocked=on_unblocked)
-    conn = Connection(url, heartbeat=broker.heartbeat, connect_timeout=CONNECT_TIMEOUT,
+    return Connection(url, heartbeat=broker.heartbeat, connect_timeout=CONNECT_TIMEOUT,
+                      ssl=ssl_options(broker.tls, urllib.parse.urlsplit(url).hostname),
                       transport_options=options)
-    if broker.tls is not None:
-        conn.ssl = ssl_options(broker.tls, conn.hostname)
-    return conn
 
 
 def close(conn) -> None:
