@@ -203,10 +203,11 @@ class Node:
             **extra,
         }
         rabbit = self.cluster.rabbit_options
+        # [DEFAULT] last: a test that appends an option appends it there.
         self.config.write_text(
-            "[DEFAULT]\n" + "".join(f"{key} = {value}\n" for key, value in options.items())
-            + "[oslo_messaging_rabbit]\n"
-            + "".join(f"{key} = {str(value).lower()}\n" for key, value in rabbit.items()))
+            "[oslo_messaging_rabbit]\n"
+            + "".join(f"{key} = {str(value).lower()}\n" for key, value in rabbit.items())
+            + "[DEFAULT]\n" + "".join(f"{key} = {value}\n" for key, value in options.items()))
 
     def argv(self, *args) -> list:
         return self.command([*self.cluster.program, "--config-file", str(self.config), *args])
