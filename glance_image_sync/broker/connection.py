@@ -70,18 +70,20 @@ def connection(broker, url, on_blocked=None, on_unblocked=None) -> Connection:
                       transport_options=options)
 
 
-def close(conn) -> None:
+def close(conn, graceful=True) -> None:
     """Close a connection without ever waiting long, and without raising.
 
     A graceful close waits for the broker's close-ok, which a broker that
     blocks the connection (a resource alarm) or is gone never sends: the
-    wait is bounded by CONNECT_TIMEOUT, then the socket is dropped.
+    wait is bounded by CONNECT_TIMEOUT, then the socket is dropped. Without
+    ``graceful``, the socket is dropped at once.
     """
     try:
-        if conn.connected:
-            conn.connection.sock.settimeout(CONNECT_TIMEOUT)
-        conn.release()
-        return
+        if graceful:
+            if conn.connected:
+                conn.connection.sock.settimeout(CONNECT_TIMEOUT)
+            conn.release()
+            return
     except (*ERRORS, AttributeError):
         pass  # AttributeError: py-amqp's transport is already gone
     try:

@@ -186,10 +186,11 @@ class ConnectionLoop:
             finally:
                 self.connecting = False
                 self._set_connected(False)
-                self.blocked = None
                 self.component.connection_lost()
                 if connection is not None:
-                    broker.close(connection)
+                    # A broker that blocks us reads nothing: no close-ok will come.
+                    broker.close(connection, graceful=self.blocked is None)
+                self.blocked = None
             # Logged outside the except block: oslo.log would append the
             # exception a second time.
             if error is not None:

@@ -115,7 +115,7 @@ def read(broker, names, check=(), glance=None) -> tuple:
                 _probe_publishing(connection, blocked)
             return found, declarer.mismatches, (blocked[0] if blocked else None)
         finally:
-            brokers.close(connection)
+            brokers.close(connection, graceful=not blocked)
     except brokers.ERRORS as exc:
         reason = brokers.describe(exc)
     raise BrokerUnavailable(f"{brokers.redact_url(broker.urls[index])}: {reason}")
