@@ -55,6 +55,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from glance_image_sync.broker import queues as queuestats
 from glance_image_sync.exceptions import (
+    BrokerRefused,
     BrokerUnavailable,
     ConfigError,
     NodeStateError,
@@ -155,7 +156,7 @@ class _BrokerCollector:
                                       labels=["queue"])
         try:
             overview = queuestats.overview(self.settings)
-        except BrokerUnavailable as exc:
+        except (BrokerUnavailable, BrokerRefused) as exc:  # broker_up 0 says it
             failure = exc
         else:
             failure = None
