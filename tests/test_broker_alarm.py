@@ -18,10 +18,11 @@ import threading
 import time
 import uuid
 
+import amqp
 import kombu
 import pytest
 
-from glance_image_sync.broker import topology
+from glance_image_sync.broker import connection, topology
 from glance_image_sync.fanout.consumer import fanout_loop
 from tests.fixtures import notification_files
 from tests.helpers import settings_for, write_config
@@ -142,6 +143,34 @@ def test_a_blocked_broker_keeps_the_fan_outs_connection_and_thread(alarm_broker,
             thread.join(15)
         loop.close()
     assert not thread.is_alive(), "the loop did not stop"
+
+
+def test_a_write_into_a_blocked_connection_fails_after_the_write_timeout(alarm_broker,
+                                                                       broker_vhost, tmp_path):
+    """The last bound: a write that cannot go on once the socket's buffers are full
+    fails within connection.WRITE_TIMEOUT (the loop then reconnects). Measured:
+    after about 1 s, with ETIMEDOUT: py-amqp sets TCP_USER_TIMEOUT to 1000 ms."""
+    settings = settings_for(tmp_path, transport_url=f"rabbit://guest:guest@"
+                                                    f"{alarm_broker[0].address}/{broker_vhost}")
+    with memory_alarm(alarm_broker):
+        conn, _ = connection.connect(settings.broker)
+        try:
+            channel = conn.channel()
+            body = b"x" * (64 * 1024)
+            written, failure = 0, None
+            while failure is None and written < 256 * 1024 * 1024:
+                started = time.monotonic()
+                try:
+                    channel.basic_publish(amqp.Message(body), exchange="",
+                                          routing_key="routed nowhere")
+                except connection.ERRORS as exc:
+                    failure = exc
+                written += len(body)
+            waited = time.monotonic() - started
+        finally:
+            connection.close(conn, graceful=False)
+    assert failure is not None, f"{written} bytes written into a blocked connection"
+    assert waited <= connection.WRITE_TIMEOUT + 1, (waited, written, repr(failure))
 
 
 def test_the_daemon_rides_out_an_alarm_under_the_watchdog_and_loses_nothing(

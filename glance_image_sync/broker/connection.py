@@ -31,7 +31,9 @@ from glance_image_sync.settings import SSL_VERSIONS, redact_url
 CONNECT_TIMEOUT = 5
 # A write that makes no progress for this long fails (SO_SNDTIMEO), and the
 # connection is made again: a broker that stops reading (a resource alarm
-# blocks publishers so) never holds the loop's thread for ever.
+# blocks publishers so) never holds the loop's thread for ever. (py-amqp's
+# default TCP_USER_TIMEOUT of 1 s ends such a connection sooner where Linux
+# offers it; this bound holds without it.)
 WRITE_TIMEOUT = 5.0
 
 _PROBE = Connection("amqp://")

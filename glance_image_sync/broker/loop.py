@@ -46,7 +46,7 @@ raises ``BrokerRefused`` out of ``run``: retrying cannot cure it.
 RabbitMQ blocks a publishing connection while a memory or disk alarm lasts:
 it stops reading it. The loop records py-amqp's connection.blocked and
 connection.unblocked notifications (``blocked``), publishers hold what they
-would send meanwhile, and a write that makes no progress still fails after
+would send meanwhile, and a write that makes no progress still fails within
 ``connection.WRITE_TIMEOUT`` and reconnects: the loop's thread never waits on
 the broker for ever, and goes on serving heartbeats and timers.
 
