@@ -2,10 +2,10 @@
 
 RabbitMQ then blocks every connection that publishes: it stops reading it.
 Whatever the fan-out has written stays in the socket's buffers, and a write
-beyond them waits until the alarm clears. The loop's thread must never wait
-there: it serves heartbeats and timers, and the daemon feeds systemd's
-watchdog only while both loops show progress. Nothing is lost once the alarm
-clears.
+beyond them cannot go on. The loop's thread must never wait there: it serves
+heartbeats and timers, and the daemon feeds systemd's watchdog only while both
+loops show progress. Nor should the fan-out lose its connection over it, and
+nothing may be lost once the alarm clears.
 """
 
 import contextlib
