@@ -3,8 +3,8 @@
 An ``ImageEvent`` is the one thing that flows from the fan-out to every node's
 queue: ensure an image is present (with the size and md5 to verify it against)
 or ensure it is absent. Everything in it has been validated: the id is a
-canonical UUID, the source a node from ``api_nodes``, the checksum 32 hex
-digits, the size a non-negative integer. The same checks run again when a node
+canonical UUID, the source a node from ``api_nodes`` (or None: any peer), the
+checksum 32 hex digits, the size a non-negative integer. The same checks run again when a node
 reads its queue, because anyone who can publish to the broker can write there.
 """
 
@@ -94,10 +94,12 @@ def from_wire(body: bytes, nodes) -> ImageEvent:
         raise Rejected(f"unknown action {show(doc.get('action'))}") from None
     source = doc.get("source")
     if source is not None:
-        resolved = nodes.resolve(source)
-        if resolved is None:
-            raise Rejected(f"source {show(source)} is not in api_nodes")
-        source = resolved
+        canonical = nodes.canonical(source)
+        if canonical is None:
+            raise Rejected(f"source {show(source)} is not a host name")
+        # A node this one does not know (api_nodes changed on one node before the
+        # other): fetched from the peers, never from a host outside api_nodes.
+        source = nodes.resolve(canonical)
     return ImageEvent(
         action=action,
         image_id=image_id(doc.get("image_id")),

@@ -21,6 +21,10 @@ class ConfigError(Exception):
     """A configuration value that cannot work; the message says which and why."""
 
 
+class UsageError(Exception):
+    """A command line that cannot work (beyond what argparse checks); exit 2."""
+
+
 class BrokerUnavailable(Exception):
     """The broker could not be reached (a one-shot run gave up, or a read failed)."""
 

@@ -70,6 +70,11 @@ class Nodes:
             )
         self.this = me
 
+    @staticmethod
+    def canonical(name: object) -> str | None:
+        """``normalize_hostname``: the host name in canonical form, or None."""
+        return normalize_hostname(name)
+
     def resolve(self, name: object) -> str | None:
         """The node ``name`` means, or None when it means none (or several)."""
         name = normalize_hostname(name)

@@ -1,7 +1,10 @@
 """Every option of glance-image-sync, with its help text.
 
 The tool's own options live in ``[DEFAULT]`` of
-``/etc/glance/glance-image-sync.conf``. ``api_nodes``, ``rsync_user``,
+``/etc/glance/glance-image-sync.conf``. The optional credentials for Glance's
+API are keystoneauth1's own options in ``[keystone_authtoken]`` (where Glance
+keeps its service user's), read with keystoneauth1's loading helpers; where to
+find the API is in ``[glance_api]``. ``api_nodes``, ``rsync_user``,
 ``log_file`` and ``verbose`` are the names the original cron tool used; they
 keep working. ``list_opts`` feeds ``oslo-config-generator``
 (``etc/glance-image-sync.conf.sample``).
@@ -16,7 +19,13 @@ oslo.messaging's own definitions).
 
 import socket
 
+from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg, types
+
+# Glance's own group for its service user's credentials: with glance-api.conf
+# passed as another --config-file, they need not be written twice.
+AUTH_GROUP = "keystone_authtoken"
+API_GROUP = "glance_api"
 
 cluster_opts = [
     cfg.ListOpt(
@@ -246,82 +255,55 @@ rabbit_opts = [
     cfg.BoolOpt(
         "rabbit_quorum_queue",
         default=False,
-        help="Use quorum queues (x-queue-type: quorum), as oslo.messaging's "
-        "option of the same name: Glance's notification queue and every queue "
-        "of glance-image-sync. Quorum queues are replicated over a RabbitMQ "
-        "cluster and always durable. Must be Glance's value: give Glance's "
-        "glance-api.conf as the first --config-file.",
+        help="Use quorum queues (x-queue-type: quorum), as oslo.messaging's option: "
+        "Glance's notification queue and every queue of glance-image-sync (quorum "
+        "queues are replicated over a RabbitMQ cluster, always durable). Must be "
+        "Glance's value: give Glance's glance-api.conf as the first --config-file.",
     ),
     cfg.BoolOpt(
         "amqp_durable_queues",
         default=False,
         help="Declare Glance's notification exchange and queue durable, as "
-        "oslo.messaging's option of the same name (ignored with "
-        "rabbit_quorum_queue, which is always durable). Must be Glance's value. "
-        "The queues of glance-image-sync are always durable.",
+        "oslo.messaging's option (ignored with rabbit_quorum_queue). Must be "
+        "Glance's value. The queues of glance-image-sync are always durable.",
     ),
     cfg.BoolOpt(
         "amqp_auto_delete",
         default=False,
         help="Declare Glance's notification exchange and queue auto-delete, as "
-        "oslo.messaging's option of the same name. Must be Glance's value; true "
-        "loses notifications whenever the fan-out is disconnected.",
+        "oslo.messaging's option. Must be Glance's value.",
     ),
     cfg.BoolOpt(
         "rabbit_ha_queues",
         default=False,
         help="Declare Glance's notification queue with x-ha-policy: all, as "
-        "oslo.messaging's option of the same name. Must be Glance's value.",
+        "oslo.messaging's option. Must be Glance's value.",
     ),
-    cfg.IntOpt(
-        "rabbit_quorum_delivery_limit",
-        default=0,
-        help="x-delivery-limit of Glance's quorum notification queue, as "
-        "oslo.messaging's option of the same name; 0 sets none.",
-    ),
-    cfg.IntOpt(
-        "rabbit_quorum_max_memory_length",
-        default=0,
-        help="x-max-in-memory-length of Glance's quorum notification queue, as "
-        "oslo.messaging's option of the same name; 0 sets none.",
-    ),
-    cfg.IntOpt(
-        "rabbit_quorum_max_memory_bytes",
-        default=0,
-        help="x-max-in-memory-bytes of Glance's quorum notification queue, as "
-        "oslo.messaging's option of the same name; 0 sets none.",
-    ),
+    *(cfg.IntOpt(name, default=0, help=f"{argument} of Glance's quorum notification "
+                 "queue, as oslo.messaging's option; 0 sets none. Must be Glance's value.")
+      for name, argument in (("rabbit_quorum_delivery_limit", "x-delivery-limit"),
+                             ("rabbit_quorum_max_memory_length", "x-max-in-memory-length"),
+                             ("rabbit_quorum_max_memory_bytes", "x-max-in-memory-bytes"))),
     cfg.BoolOpt(
         "ssl",
         default=False,
-        help="Connect to every broker over TLS. The broker's certificate is "
-        "always verified, and so is its host name against the one in "
-        "transport_url.",
+        help="Connect to every broker over TLS. The broker's certificate is always "
+        "verified, and so is its host name against the one in transport_url.",
     ),
     cfg.StrOpt(
         "ssl_version",
         default="",
-        help="TLS protocol version, as oslo.messaging's option of the same name "
-        "(TLSv1, SSLv23, TLSv1_1, TLSv1_2, where Python offers them). Empty: "
-        "the best both sides offer.",
+        help="TLS protocol version, as oslo.messaging's option (TLSv1, SSLv23, "
+        "TLSv1_1, TLSv1_2, where Python offers them). Empty: the best both sides offer.",
     ),
-    cfg.StrOpt(
-        "ssl_key_file",
-        default="",
-        help="Private key of the client certificate (with ssl).",
-    ),
-    cfg.StrOpt(
-        "ssl_cert_file",
-        default="",
-        help="Client certificate, for brokers that ask for one (with ssl). "
-        "Empty: none is sent.",
-    ),
-    cfg.StrOpt(
-        "ssl_ca_file",
-        default="",
-        help="CA certificates that verify the broker's certificate (with ssl). "
-        "Empty: the system's trusted CAs.",
-    ),
+    cfg.StrOpt("ssl_key_file", default="",
+               help="Private key of the client certificate (with ssl)."),
+    cfg.StrOpt("ssl_cert_file", default="",
+               help="Client certificate, for brokers that ask for one (with ssl). Empty: "
+               "none is sent."),
+    cfg.StrOpt("ssl_ca_file", default="",
+               help="CA certificates that verify the broker's certificate (with ssl). "
+               "Empty: the system's trusted CAs."),
 ]
 
 # Replaced by Glance's own options: registered only to say so.
@@ -345,19 +327,58 @@ legacy_opts = [
 ]
 
 
+glance_api_opts = [
+    cfg.StrOpt(
+        "region_name",
+        default=None,
+        help="Region of Glance's endpoint in the Keystone catalog. Default: "
+        "the catalog's only (or first) one.",
+    ),
+    cfg.StrOpt(
+        "interface",
+        default="internal",
+        choices=["public", "internal", "admin"],
+        help="Which of Glance's catalog endpoints to use.",
+    ),
+    cfg.URIOpt(
+        "endpoint_override",
+        default=None,
+        schemes=["http", "https"],
+        help="Glance's API at this URL instead of the catalog's, e.g. "
+        "http://127.0.0.1:9292 for this node's own glance-api. The token still "
+        "comes from [keystone_authtoken].",
+    ),
+]
+
+
 def list_opts():
-    """Every option, by group, for oslo-config-generator."""
+    """Every option, by group, for oslo-config-generator.
+
+    ``[keystone_authtoken]`` lists keystoneauth1's session options and those
+    of its ``password`` plugin, the one Glance's own file uses; another
+    ``auth_type`` brings its own options.
+    """
     return [
         (
             "DEFAULT",
             cluster_opts + messaging_opts + store_opts + transfer_opts + metrics_opts
             + legacy_opts,
         ),
+        (API_GROUP, glance_api_opts),
+        (AUTH_GROUP, ks_loading.get_auth_common_conf_options()
+         + ks_loading.get_session_conf_options()
+         + ks_loading.get_auth_plugin_conf_options("password")),
         (RABBIT_GROUP, rabbit_opts),
     ]
 
 
 def register_opts(conf):
     for group, opts in list_opts():
+        if group == AUTH_GROUP:
+            # keystoneauth1's helpers: the plugin's own options are registered
+            # when the plugin named by auth_type is loaded.
+            ks_loading.register_auth_conf_options(conf, AUTH_GROUP)
+            ks_loading.register_session_conf_options(conf, AUTH_GROUP)
+            continue
         conf.register_opts(opts, group=None if group == "DEFAULT" else group)
     conf.register_opts(removed_opts)

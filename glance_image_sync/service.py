@@ -34,6 +34,8 @@ def prepare(conf, argv, command_opt) -> Settings:
         conf(argv, project="glance", prog=PROG, version=_version(),
              default_config_files=default_files)
         setup_logging(conf)
+        if not conf.api_nodes:
+            raise ConfigError(_no_nodes(conf))
         settings = Settings.from_conf(conf)
     except cfg.Error as exc:
         raise ConfigError(str(exc)) from None
@@ -42,14 +44,33 @@ def prepare(conf, argv, command_opt) -> Settings:
     return settings
 
 
+def _no_nodes(conf) -> str:
+    """Why api_nodes is empty, with the files that were read."""
+    files = list(conf.config_file or []) + ([conf.config_dir] if conf.config_dir else [])
+    if not files:
+        return (f"api_nodes is empty: no configuration file was read ({DEFAULT_CONFIG_FILE} "
+                "does not exist; give one with --config-file)")
+    return (f"api_nodes is empty in {', '.join(files)}: list every glance-api node in "
+            "[DEFAULT] api_nodes")
+
+
 def setup_logging(conf) -> None:
+    """oslo.log's set-up, with stderr (not oslo.log's stdout) where no file is named.
+
+    stdout carries a command's output only (``reconcile --format json`` stays
+    JSON whatever is logged); under systemd stderr reaches the journal as
+    stdout did.
+    """
     if conf.use_journal:
         try:
             import systemd.journal  # noqa: F401
         except ImportError:
             raise ConfigError("use_journal needs the systemd Python bindings "
                               "(python3-systemd, or pip install glance-image-sync[journal]); "
-                              "under systemd, stdout already reaches the journal") from None
+                              "under systemd, stderr already reaches the journal") from None
+    if not (conf.log_file or conf.log_dir or conf.use_journal):
+        # oslo.log falls back to stdout when none of these is set.
+        conf.set_override("use_stderr", True)
     logging.setup(conf, PROG)
 
 

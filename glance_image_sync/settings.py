@@ -15,6 +15,10 @@ import ssl
 import urllib.parse
 from dataclasses import dataclass
 
+from keystoneauth1 import exceptions as ks_exceptions
+from keystoneauth1 import loading as ks_loading
+
+from glance_image_sync import opts
 from glance_image_sync.exceptions import ConfigError
 from glance_image_sync.nodes import Nodes
 from glance_image_sync.opts import REMOVED
@@ -46,6 +50,11 @@ class BrokerSettings:
     def redacted(self) -> str:
         """The broker addresses, as they may appear in logs."""
         return ", ".join(redact_url(url) for url in self.urls)
+
+    @property
+    def vhost(self) -> str:
+        """The virtual host, as rabbitmqctl -p names it."""
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.urls[0]).path[1:]) or "/"
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,26 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class GlanceApiSettings:
+    """Where and as whom to ask Glance's API; ``auth`` None: not configured."""
+
+    auth: object = None  # a keystoneauth1 auth plugin
+    session: object = None  # a keystoneauth1 Session
+    region_name: str | None = None
+    interface: str = "internal"
+    endpoint_override: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.auth is not None
+
+
+# Seconds a request to Glance's API may take when [keystone_authtoken]
+# timeout does not say.
+API_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
 class Settings:
     nodes: Nodes
     broker: BrokerSettings
@@ -104,6 +133,7 @@ class Settings:
     max_parallel: int
     max_attempts: int
     metrics: MetricsSettings = MetricsSettings()
+    glance_api: GlanceApiSettings = GlanceApiSettings()
 
     @classmethod
     def from_conf(cls, conf) -> Settings:
@@ -156,6 +186,7 @@ class Settings:
                 listen_port=conf.metrics_listen_port,
                 textfile=_textfile(conf.metrics_textfile),
             ),
+            glance_api=glance_api_settings(conf),
         )
 
 
@@ -211,6 +242,31 @@ def _tls(rabbit) -> TlsSettings | None:
         raise ConfigError("[oslo_messaging_rabbit] ssl_key_file is set without ssl_cert_file")
     return TlsSettings(ca_file=files["ssl_ca_file"], cert_file=files["ssl_cert_file"],
                        key_file=files["ssl_key_file"], version=version)
+
+
+def glance_api_settings(conf) -> GlanceApiSettings:
+    """The API's credentials from keystoneauth1's options; unconfigured without auth_type.
+
+    With no ``auth_type`` (or no ``auth_url`` for a plugin that needs one)
+    there is no API to ask, which is not an error: the API is only ever extra
+    evidence. A plugin named but missing its other options is one.
+    """
+    group = conf[opts.AUTH_GROUP]
+    api = conf[opts.API_GROUP]
+    if not group.auth_type:
+        return GlanceApiSettings()
+    try:
+        auth = ks_loading.load_auth_from_conf_options(conf, opts.AUTH_GROUP)
+        session = ks_loading.load_session_from_conf_options(
+            conf, opts.AUTH_GROUP, auth=auth, timeout=group.timeout or API_TIMEOUT)
+    except ks_exceptions.MissingRequiredOptions as exc:
+        if any(opt.dest == "auth_url" for opt in exc.options):
+            return GlanceApiSettings()
+        raise ConfigError(f"[{opts.AUTH_GROUP}]: {exc}") from None
+    except ks_exceptions.ClientException as exc:  # an unknown auth_type, among others
+        raise ConfigError(f"[{opts.AUTH_GROUP}]: {exc}") from None
+    return GlanceApiSettings(auth=auth, session=session, region_name=api.region_name,
+                             interface=api.interface, endpoint_override=api.endpoint_override)
 
 
 def kombu_urls(transport_url: str) -> list:

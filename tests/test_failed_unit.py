@@ -47,11 +47,14 @@ class Channel:
 def test_confirms_that_came_during_the_gets_still_move_their_events():
     body = ImageEvent(Action.PRESENT, IMAGE, "node2", "0" * 32, 10).to_wire()
     messages = [SimpleNamespace(body=body, headers={}, delivery_tag=tag,
-                                content_type="application/json") for tag in (1, 2, 3)]
+                                content_type="application/json", content_encoding=None)
+                for tag in (1, 2, 3)]
     channel = Channel(messages)
     connection = SimpleNamespace(channel=lambda: channel,
                                  drain_events=lambda timeout: None)
-    moved = failed.replay(connection, "node1", NODES)
-    assert moved == 3
+    queue = topology.failed_queue_name("node1")
+    result = failed.move(connection, queue, NODES, lambda item: True,
+                         lambda m: failed.replay_target(m, queue, "node1", NODES, None))
+    assert (result.moved, result.refused, result.error) == (3, [], None)
     assert channel.published == [topology.node_queue_name("node1")] * 3
     assert channel.acked == [1, 2, 3]

@@ -14,7 +14,7 @@ LAYERS = [
     {"exceptions", "opts"},
     {"nodes", "events"},
     {"settings"},
-    {"state", "store", "broker"},
+    {"state", "store", "broker", "glanceapi"},
     {"transfer", "metrics"},
     {"fanout", "sync"},
     {"admin", "daemon"},

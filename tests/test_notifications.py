@@ -106,10 +106,20 @@ def test_glance_default_publisher_names_no_node():
     assert event.action is Action.PRESENT and event.source is None
 
 
+@pytest.mark.parametrize("publisher", ["image.node4", "image.node2.other.org", "kube9"])
+def test_a_publisher_not_in_api_nodes_is_applied_from_the_peers_with_a_warning(publisher,
+                                                                               caplog):
+    # A rolling change of api_nodes: an upload through a node this one does not know yet.
+    event = notifications.parse(_v2(_upload(publisher_id=publisher)), NODES)
+    assert event.action is Action.PRESENT and event.source is None
+    host = publisher.removeprefix("image.")
+    assert f"publisher {host} is not in api_nodes (node1, node2.example.com, node3): the " \
+        "image is fetched from the peers" in caplog.text
+
+
 @pytest.mark.parametrize("message, reason", [
-    (_upload(publisher_id="image.evil"), "publisher 'evil' is not in api_nodes"),
     (_upload(publisher_id="image.node1;rm -rf /"), "does not name a host"),
-    (_upload(publisher_id="image.node2.other.org"), "is not in api_nodes"),
+    (_upload(publisher_id="image.n\u043ede1"), "does not name a host"),
     (_upload(payload_id="../../etc/x"), "is not a UUID"),
     (_upload(payload_id="5F0B5D6C-1C6E-4F5A-9A39-1F4C1E1A7E11"), "not a canonical UUID"),
     (_upload(payload_id="{5f0b5d6c-1c6e-4f5a-9a39-1f4c1e1a7e11}"), "is not a UUID"),

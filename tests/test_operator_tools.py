@@ -46,7 +46,11 @@ def test_a_quiet_cluster_needs_no_human():
 @pytest.mark.parametrize("rep, expected", [
     (report([node_queues("node1", failed=2)]), "2 events of node1 ran out of attempts"),
     (report([node_queues("node1"), node_queues("node2", failed=1)]),
-     "1 event of node2 ran out of attempts"),
+     "1 event of node2 ran out of attempts and waits in glance_image_sync.node2.failed"),
+    (report([node_queues("node1", messages=1, consumers=0)]),
+     "1 event waits in glance_image_sync.node1 and nothing consumes it"),
+    (report([node_queues("node1")], dead=1), "1 message rejected as malformed or hostile "
+     "waits in glance_image_sync.dead_letter"),
     (report([node_queues("node1")], dead=3), "3 messages rejected as malformed or hostile"),
     (report([node_queues("node1", messages=4, consumers=0)]),
      "4 events wait in glance_image_sync.node1 and nothing consumes it"),

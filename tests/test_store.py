@@ -39,7 +39,8 @@ def _writer(data, mode=0o640):
 
 
 def _entries(store):
-    return sorted(os.listdir(store.datadir))
+    """The store's files, but for the owner file of this (open) store."""
+    return sorted(name for name in os.listdir(store.datadir) if name != store.owner.file_name)
 
 
 def test_install_verifies_then_renames_with_source_mode(store):
@@ -222,3 +223,91 @@ def test_a_failing_check_raises_on_the_callers_thread(monkeypatch):
     monkeypatch.setattr(checksum, "md5_of_fd", broken)
     with pytest.raises(OSError, match="Input/output error"):
         checksum.md5_of_fd_yielding(0)
+
+
+# -- whose temporaries: several processes write into one store ------------------------
+
+OTHER_WRITER = """
+import os, sys
+from glance_image_sync.store.owner import Owner
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+owner = Owner(fd)
+owner.hold()
+for name in (owner.temp_name(sys.argv[2]), owner.temp_name(sys.argv[2])):
+    open(os.path.join(sys.argv[1], name), "wb").close()
+os.mkdir(os.path.join(sys.argv[1], owner.temp_name("batch")))
+print(owner.file_name, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def other_writer(store):
+    """Another live process with temporaries (two copies, a staging directory) in the store."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", OTHER_WRITER, store.datadir, IMAGE],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    owner_file = proc.stdout.readline().strip()
+    try:
+        yield proc, owner_file
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_live_process_s_temporaries_are_never_removed_by_another(store, other_writer):
+    proc, owner_file = other_writer
+    theirs = _entries(store)
+    assert len(theirs) == 4 and owner_file in theirs
+    store.install(IMAGE, len(DATA), MD5, _writer(DATA))  # ours come and go beside them
+    assert store.remove_temporaries(IMAGE) == []  # as a delete event would
+    assert store.remove_temporaries() == []  # as a start-up or a stop would
+    assert _entries(store) == sorted(theirs + [IMAGE])
+
+
+def test_a_killed_process_s_temporaries_and_owner_file_go_at_the_next_sweep(store,
+                                                                            other_writer):
+    proc, owner_file = other_writer
+    theirs = [name for name in _entries(store) if name != owner_file]
+    proc.kill()  # SIGKILL: the kernel drops its lock, nothing else is cleaned
+    proc.wait()
+    assert owner_file in _entries(store)
+    assert sorted(store.remove_temporaries()) == sorted(theirs)
+    assert _entries(store) == []  # its owner file too
+
+
+def test_a_delete_removes_only_this_process_s_temporaries_of_that_image(store, tmp_path):
+    other = ImageStore(StoreSettings(datadir=store.datadir, file_mode=None,
+                                     state_dir=str(tmp_path / "state"), deleted_memory=60))
+    seen = {}
+
+    def stalled(path):  # our transfer, still running when another store's delete comes
+        seen["others_removed"] = other.remove_temporaries(IMAGE)
+        seen["ours_removed"] = store.remove_temporaries(IMAGE)
+
+    with pytest.raises(StoreError, match="removed or replaced during the transfer"):
+        store.install(IMAGE, len(DATA), MD5, stalled)
+    assert seen["others_removed"] == []  # another writer's delete: not its temporary
+    assert len(seen["ours_removed"]) == 1  # its own process's delete: removed
+    other.close()
+
+
+def test_an_owner_file_lives_while_its_process_has_temporaries(store):
+    assert store.owner.file_name is None  # an idle store has none
+    seen = {}
+
+    def fetch(path):
+        seen["name"] = store.owner.file_name
+        seen["entries"] = sorted(os.listdir(store.datadir))
+        _writer(DATA)(path)
+
+    store.install(IMAGE, len(DATA), MD5, fetch)
+    name = seen["name"]
+    assert name.startswith(".glance-image-sync.owner.") and f".{os.getpid()}-" in name
+    token = name[len(".glance-image-sync.owner."):]
+    temp = [entry for entry in seen["entries"] if entry != name]
+    assert len(temp) == 1 and temp[0].startswith(f"{TEMP_PREFIX}{IMAGE}.{token}.")
+    assert store.owner.file_name is None
+    assert os.listdir(store.datadir) == [IMAGE]

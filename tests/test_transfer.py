@@ -184,7 +184,9 @@ def test_images_asked_of_a_busy_peer_travel_together_in_the_next_session(tmp_pat
 
     monkeypatch.setattr(rsync, "_rsync", session)
     ids = [str(uuid.uuid4()) for _ in range(SESSIONS_PER_PEER + 3)]
-    dests = {image_id: tmp_path / f".glance-image-sync.{image_id}.tmp" for image_id in ids}
+    # Named as ImageStore names its temporaries: the staging directory takes their owner.
+    dests = {image_id: tmp_path / f".glance-image-sync.{image_id}.4242-0123abcd.{n:08x}"
+             for n, image_id in enumerate(ids)}
     for dest in dests.values():
         dest.touch()
     threads = [threading.Thread(target=rsync.fetch, args=("node1", i, str(dests[i]), 1))

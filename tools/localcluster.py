@@ -248,7 +248,13 @@ class Node:
             return f.read().decode("utf-8", "replace")
 
     def temporaries(self) -> list:
-        return [name for name in self.files() if name.startswith(".glance-image-sync.")]
+        """Copies and staging directories under way or left over (owner files are not)."""
+        return [name for name in self.files() if name.startswith(".glance-image-sync.")
+                and not name.startswith(".glance-image-sync.owner.")]
+
+    def owner_files(self) -> list:
+        """The lock files of the processes writing into the store now (or killed)."""
+        return [name for name in self.files() if name.startswith(".glance-image-sync.owner.")]
 
     # -- the store, seen from outside ----------------------------------------
 

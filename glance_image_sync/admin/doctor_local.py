@@ -118,6 +118,8 @@ def _cannot_write(path: str) -> str | None:
     os.close(fd)
     try:
         os.unlink(probe)
+    except FileNotFoundError:
+        pass  # a sweep of another process took it: its name has no live owner
     except OSError as exc:
         return f"cannot remove a file from it ({exc.strerror})"
     return None

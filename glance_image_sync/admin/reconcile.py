@@ -8,7 +8,8 @@ missing here
     a peer has it, this node does not (an image older than the tool, or a
     lost event);
 here only
-    this node has it, no peer that answered does;
+    this node has it, no peer that answered does (a lost upload
+    notification, or a delete that reached only the peers);
 size mismatch
     this node's copy and a peer's differ in size.
 
@@ -24,38 +25,45 @@ Where only one peer has the image, its md5 is the only one there is; the
 report says so. An image this node deleted (it has a tombstone) is never
 fetched back.
 
-``--prune`` removes an image that is here only, and only when every peer
-answered and none has it, when the copy is older than ``--min-age``, and when
-no event waits in any node's queues or in Glance's notification queue (an
-upload not yet replicated is "here only" too). Nothing else is ever removed.
+An image that is here only is copied to the peers (``--fix`` or ``--prune``)
+unless there is evidence that it is gone, and removed (``--prune``) only on
+such evidence: see ``hereonly``.
 
 Files changed less than ``--min-age`` seconds ago are reported but left to
 the events: Glance writes an upload straight into ``<datadir>/<id>``.
-Safe beside a running daemon: installs are atomic and verified, removals
+Safe beside a running daemon: installs are atomic and verified, each process
+removes only its own temporary files (``ImageStore``), removals are
 idempotent.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 from oslo_log import log as logging
 
-from glance_image_sync.admin.tables import plural, table
-from glance_image_sync.broker import queues as queuestats
+from glance_image_sync.admin.hereonly import HereOnly
+from glance_image_sync.admin.reconcile_view import (
+    HERE_ONLY,
+    MISSING,
+    SIZE_MISMATCH,
+    Progress,
+    render_json,
+    render_table,
+)
 from glance_image_sync.exceptions import (
     EXIT_FAILED,
     EXIT_OK,
-    BrokerUnavailable,
     ConfigError,
     StoreError,
     TransferFailed,
+    UsageError,
 )
+from glance_image_sync.glanceapi import GlanceApi
+from glance_image_sync.state import access
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
 from glance_image_sync.transfer import listing
@@ -64,7 +72,8 @@ from glance_image_sync.transfer.sessions import Rsync
 
 LOG = logging.getLogger(__name__)
 
-MISSING, HERE_ONLY, SIZE_MISMATCH = "missing here", "here only", "size mismatch"
+__all__ = ["HERE_ONLY", "MISSING", "SIZE_MISMATCH", "Progress", "main"]
+
 DEFAULT_MIN_AGE = 600
 
 
@@ -112,7 +121,7 @@ def compare(here: dict, listed: dict) -> list:
 
 class Reconciler:
     def __init__(self, settings, store, rsync, tombstones, min_age=DEFAULT_MIN_AGE,
-                 progress=None, now=time.time):
+                 progress=None, now=time.time, api=None):
         self.settings = settings
         self.nodes = settings.nodes
         self.store = store
@@ -121,6 +130,8 @@ class Reconciler:
         self.min_age = min_age
         self.progress = progress
         self.now = now
+        self.here_only = HereOnly(settings, store, tombstones,
+                                  api or GlanceApi(settings.glance_api))
 
     def survey(self) -> Survey:
         listed, unreachable = {}, {}
@@ -149,20 +160,27 @@ class Reconciler:
     def act(self, survey: Survey, fix: bool, prune: bool) -> None:
         """Fix and/or prune what ``survey`` found; each finding records what happened."""
         todo = [f for f in survey.findings
-                if (fix and f.kind in (MISSING, SIZE_MISMATCH)) or (prune and f.kind == HERE_ONLY)]
-        prune_refusal = self._prune_refusal(survey) if prune and any(
-            f.kind == HERE_ONLY for f in todo) else None
+                if (fix and f.kind in (MISSING, SIZE_MISMATCH)) or
+                ((fix or prune) and f.kind == HERE_ONLY)]
+        if any(f.kind == HERE_ONLY for f in todo):
+            self.here_only.check_api(agreed(survey))
         for index, finding in enumerate(todo, 1):
             if self.progress:
                 self.progress.start(index, len(todo), finding)
             if finding.kind == HERE_ONLY:
-                self._prune(finding, prune_refusal)
+                self._here_only(finding, prune)
             else:
                 self._fetch(finding)
             if self.progress:
                 self.progress.finish(index, len(todo), finding)
         if self.progress:
             self.progress.close()
+
+    def _here_only(self, finding: Finding, prune: bool) -> None:
+        if self._age(finding.here.mtime) < self.min_age:
+            return self._leave(finding, "changed here recently; left to the events")
+        self.here_only.handle(finding, prune)
+        return None
 
     def _leave(self, finding: Finding, why: str) -> None:
         finding.action = why
@@ -222,150 +240,36 @@ class Reconciler:
                     self.nodes.this, "; ".join(errors))
         return None
 
-    def _prune_refusal(self, survey: Survey) -> str | None:
-        """Why nothing may be pruned now, or None."""
-        if not self.nodes.peers():
-            return "no peer to agree that it is gone"
-        if survey.unreachable:
-            return "not every peer answered (" + ", ".join(survey.unreachable) + ")"
-        try:
-            overview = queuestats.overview(self.settings)
-        except BrokerUnavailable as exc:
-            return f"cannot check the queues for events on the way: {exc}"
-        waiting = [f"{q.name}: {q.messages}" for q in overview.all_queues()
-                   if q.messages and q is not overview.dead_letter]
-        if waiting:
-            return "events are still queued (" + ", ".join(waiting) + "); apply them first"
-        return None
 
-    def _prune(self, finding: Finding, refusal: str | None) -> None:
-        if refusal:
-            return self._leave(finding, f"not pruned: {refusal}")
-        if self._age(finding.here.mtime) < self.min_age:
-            return self._leave(finding, "not pruned: changed here recently")
-        try:
-            removed = self.store.remove(finding.image_id)
-        except StoreError as exc:
-            return self._leave(finding, f"not pruned: {exc}")
-        finding.action = "removed: no peer has it" if removed else "was already gone"
-        finding.resolved = True
-        LOG.info("image %s: reconcile removed it from %s (no peer has it)", finding.image_id,
-                 self.nodes.this)
-        return None
+def agreed(survey: Survey) -> set:
+    """Ids of the images this node and every peer that answered have, with one size."""
+    differing = {f.image_id for f in survey.findings}
+    return {image_id for image_id in survey.here if image_id not in differing
+            and all(image_id in entries for entries in survey.listed.values())}
 
 
 def _sizes(entries: dict) -> str:
     return ", ".join(f"{node} {entry.size}" for node, entry in entries.items())
 
 
-# -- showing it --------------------------------------------------------------
-
-
-class Progress:
-    """A bar on a terminal; one line per image otherwise (logs, cron mail)."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-
-    def start(self, index, total, finding) -> None:
-        if self.tty:
-            verb = "removing" if finding.kind == HERE_ONLY else "fetching"
-            self._bar(index - 1, total, f"{verb} {finding.image_id}")
-
-    def finish(self, index, total, finding) -> None:
-        if self.tty:
-            self._bar(index, total, finding.image_id)
-        else:
-            self.stream.write(f"[{index}/{total}] {finding.image_id} {finding.kind}: "
-                              f"{finding.action}\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-    def _bar(self, done, total, text) -> None:
-        width = shutil.get_terminal_size().columns
-        filled = int(20 * done / total) if total else 20
-        line = f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total} {text}"
-        self.stream.write("\r\033[K" + line[:width - 1])
-        self.stream.flush()
-
-
-def render_table(survey: Survey) -> str:
-    peers = list(survey.listed) + list(survey.unreachable)
-    lines = [f"{survey.node}: {plural(len(survey.here), 'image')} here; compared with "
-             f"{', '.join(survey.listed) or 'no peer'}"]
-    for peer, reason in survey.unreachable.items():
-        lines.append(f"  {peer}: unreachable ({reason})")
-    if survey.findings:
-        columns = ["image", "finding", "here", *peers, "action"]
-        rows = [[f.image_id, f.kind, _size(f.here), *(_size(f.peers.get(p)) for p in peers),
-                 f.action or "-"] for f in survey.findings]
-        lines.append("")
-        lines += table([columns, *rows])
-    lines.append("")
-    lines.append(summary(survey))
-    return "\n".join(lines) + "\n"
-
-
-def summary(survey: Survey) -> str:
-    if not survey.findings:
-        text = "the stores agree" if survey.listed else "nothing to compare with"
-    else:
-        counts = {kind: sum(f.kind == kind for f in survey.findings)
-                  for kind in (MISSING, HERE_ONLY, SIZE_MISMATCH)}
-        fixed = sum(f.resolved for f in survey.findings)
-        text = (f"{plural(len(survey.findings), 'difference')} ("
-                + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
-                + f"); {fixed} resolved, {len(survey.findings) - fixed} left")
-    if survey.unreachable:
-        text += f"; {plural(len(survey.unreachable), 'peer')} unreachable"
-    return text
-
-
-def render_json(survey: Survey) -> str:
-    doc = {
-        "node": survey.node,
-        "images_here": len(survey.here),
-        "peers": {
-            **{peer: {"reachable": True, "images": len(entries), "error": None}
-               for peer, entries in survey.listed.items()},
-            **{peer: {"reachable": False, "images": None, "error": reason}
-               for peer, reason in survey.unreachable.items()},
-        },
-        "findings": [{
-            "image_id": f.image_id,
-            "finding": f.kind,
-            "here_size": f.here.size if f.here else None,
-            "peer_sizes": {node: entry.size for node, entry in f.peers.items()},
-            "action": f.action or None,
-            "resolved": f.resolved,
-        } for f in survey.findings],
-        "summary": summary(survey),
-        "ok": survey.ok,
-    }
-    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
-
-
-def _size(entry) -> str:
-    return str(entry.size) if entry else "-"
-
-
 def main(args, settings, out=None) -> int:
     """The command: 0 when the stores agree (after any fixes), 1 otherwise."""
     out = out or sys.stdout
     if args.min_age < 0:
-        raise ConfigError("--min-age must be 0 or more seconds")
+        raise UsageError("--min-age must be 0 or more seconds")
+    acting = args.fix or args.prune
+    if acting:
+        access.check_store(settings.store.datadir)
     try:
         store = ImageStore(settings.store)
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
-        acting = args.fix or args.prune
+        try:
+            tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the deleted images in {settings.store.state_dir}: "
+                              f"{exc.strerror}") from None
         reconciler = Reconciler(settings, store, Rsync(settings.transfer), tombstones,
                                 min_age=args.min_age, progress=Progress() if acting else None)
         survey = reconciler.survey()

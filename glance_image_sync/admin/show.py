@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 
-from glance_image_sync.admin import failed as parked
+from glance_image_sync.admin import parked
 from glance_image_sync.admin.checks import describe
 from glance_image_sync.admin.tables import iso, size_text, when
 from glance_image_sync.broker import connection as brokers

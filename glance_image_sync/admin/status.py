@@ -15,7 +15,10 @@ It says what needs a human, and exits 1 when anything does:
 * the dead-letter queue holds messages (rejected as malformed or hostile);
 * this node's queue does not exist, or holds events with no consumer;
 * this node's last error is more recent than its last success;
-* this node's state file cannot be read.
+* this node's state file cannot be read;
+* queues are left behind: those of a node no longer in ``api_nodes`` (this
+  node remembers every node its fan-out declared queues for, ``knownnodes``),
+  or the 2013 tool's ``glance_image_sync.<node>.info``.
 
 0 otherwise; 2 for a configuration error (as every command).
 """
@@ -27,10 +30,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from glance_image_sync.admin.tables import iso, plural, table, when
+from glance_image_sync.admin.tables import agree, iso, plural, table, when
 from glance_image_sync.broker import queues as queuestats
 from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, BrokerUnavailable, NodeStateError
-from glance_image_sync.state import nodestate
+from glance_image_sync.state import knownnodes, nodestate
 from glance_image_sync.state.nodestate import Snapshot
 
 
@@ -44,11 +47,14 @@ class Report:
     state_error: str | None
     now: float
     problems: list = field(default_factory=list)
+    vhost: str = "/"
 
 
 def gather(settings, now=None) -> Report:
     try:
-        overview, broker_error = queuestats.overview(settings, check=True), None
+        overview = queuestats.overview(settings, knownnodes.load(settings.store.state_dir),
+                                       check=True)
+        broker_error = None
     except BrokerUnavailable as exc:
         overview, broker_error = None, str(exc)
     try:
@@ -56,7 +62,8 @@ def gather(settings, now=None) -> Report:
     except NodeStateError as exc:
         snapshot, state_error = Snapshot(), str(exc)
     report = Report(settings.nodes.this, settings.broker.redacted(), overview, broker_error,
-                    snapshot, state_error, time.time() if now is None else now)
+                    snapshot, state_error, time.time() if now is None else now,
+                    vhost=settings.broker.vhost)
     report.problems = problems(report)
     return report
 
@@ -76,7 +83,8 @@ def problems(report: Report) -> list:
         for node in overview.nodes:
             if node.failed.messages:
                 found.append(f"{plural(node.failed.messages, 'event')} of {node.node} ran "
-                             f"out of attempts and wait in {node.failed.name} (see "
+                             f"out of attempts and {agree(node.failed.messages, 'waits', 'wait')}"
+                             f" in {node.failed.name} (see "
                              f"'glance-image-sync failed list' on {node.node})")
             if node.node != report.node:
                 continue
@@ -84,12 +92,15 @@ def problems(report: Report) -> list:
                 found.append(f"{node.queue.name} does not exist: no fan-out has run since "
                              f"api_nodes named {node.node}")
             elif node.queue.messages and not node.queue.consumers:
-                found.append(f"{plural(node.queue.messages, 'event')} wait in "
+                found.append(f"{plural(node.queue.messages, 'event')} "
+                             f"{agree(node.queue.messages, 'waits', 'wait')} in "
                              f"{node.queue.name} and nothing consumes it (is the daemon "
                              "running?)")
+        found += _left_behind(overview, report.vhost)
         if overview.dead_letter.messages:
-            found.append(f"{plural(overview.dead_letter.messages, 'message')} rejected as "
-                         f"malformed or hostile wait in {overview.dead_letter.name} (see "
+            dead = overview.dead_letter
+            found.append(f"{plural(dead.messages, 'message')} rejected as malformed or "
+                         f"hostile {agree(dead.messages, 'waits', 'wait')} in {dead.name} (see "
                          "'glance-image-sync failed list --dead-letter')")
     if report.state_error:
         found.append(report.state_error)
@@ -98,6 +109,21 @@ def problems(report: Report) -> list:
         found.append(f"the last event applied on {report.node} failed "
                      f"({when(error.time, report.now)}, image {error.image_id}: "
                      f"{error.detail})")
+    return found
+
+
+def _left_behind(overview, vhost: str) -> list:
+    """Queues of nodes no longer in api_nodes, and of the 2013 tool."""
+    found = []
+    for node in overview.departed:
+        found.append(f"{node.node} is not in api_nodes, but its queues remain "
+                     f"({plural(node.messages, 'event')} in {node.queue.name} and its retry "
+                     f"and failed queues): if it is gone for good, run 'glance-image-sync "
+                     f"forget-node {node.node}'")
+    for queue in overview.legacy:
+        found.append(f"{queue.name} is left over from the 2013 tool "
+                     f"({plural(queue.messages, 'message')}); nothing reads it: remove it with "
+                     f"'rabbitmqctl delete_queue -p {vhost} {queue.name}'")
     return found
 
 
@@ -119,12 +145,16 @@ def render_table(report: Report) -> str:
             rows.append([node.node + (" *" if node.node == report.node else ""),
                          _count(node.queue.messages), _count(node.queue.consumers),
                          str(node.retry_messages), _count(node.failed.messages)])
+        for node in overview.departed:
+            rows.append([f"{node.node} (not in api_nodes)", _count(node.queue.messages),
+                         _count(node.queue.consumers), str(node.retry_messages),
+                         _count(node.failed.messages)])
         lines += table(rows, right=range(1, len(rows[0])))
         notifications = overview.notifications
         lines += [
             "",
             f"notifications ({notifications.name}): {_count(notifications.messages)} waiting, "
-            f"{_count(notifications.consumers)} consumers (fan-out)",
+            f"{_consumers(notifications.consumers)} (fan-out)",
             f"dead letters ({overview.dead_letter.name}): {_count(overview.dead_letter.messages)}",
         ]
     lines += [
@@ -157,6 +187,13 @@ def render_json(report: Report) -> str:
             "failed": _queue(node.failed),
         } for node in overview.nodes] if overview else None,
         "dead_letter": _queue(overview.dead_letter) if overview else None,
+        "departed_nodes": [{
+            "node": node.node,
+            "queue": _queue(node.queue),
+            "retrying": node.retry_messages,
+            "failed": _queue(node.failed),
+        } for node in overview.departed] if overview else None,
+        "left_over": [_queue(queue) for queue in overview.legacy] if overview else None,
         "last_success": _record_doc(report.snapshot.last_success),
         "last_error": _record_doc(report.snapshot.last_error),
         "problems": report.problems,
@@ -181,6 +218,10 @@ def _record(record, now) -> str:
     if record is None:
         return "never"
     return f"{when(record.time, now)}, image {record.image_id}: {record.detail}"
+
+
+def _consumers(value) -> str:
+    return "- consumers" if value is None else plural(value, "consumer")
 
 
 def _count(value) -> str:

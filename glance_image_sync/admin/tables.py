@@ -28,7 +28,13 @@ def table(rows, right=()) -> list:
 
 
 def plural(count: int, word: str) -> str:
+    """``1 event``, ``2 events``."""
     return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def agree(count: int, singular: str, plural_form: str) -> str:
+    """The verb that agrees with ``count``: ``agree(1, "waits", "wait")``."""
+    return singular if count == 1 else plural_form
 
 
 def iso(when: float) -> str:

@@ -53,11 +53,22 @@ class NodeQueues:
         return sum(q.messages or 0 for q in self.retrying)
 
 
+    @property
+    def exists(self) -> bool:
+        return any(q.exists for q in (self.queue, *self.retrying, self.failed))
+
+    @property
+    def messages(self) -> int:
+        return sum(q.messages or 0 for q in (self.queue, *self.retrying, self.failed))
+
+
 @dataclass(frozen=True)
 class Overview:
     notifications: QueueStats
     nodes: tuple  # NodeQueues, in api_nodes order
     dead_letter: QueueStats
+    departed: tuple = ()  # NodeQueues of known nodes not in api_nodes whose queues exist
+    legacy: tuple = ()  # QueueStats of the 2013 tool's per-node queues that exist
     mismatches: tuple = ()  # topology.Mismatch, with check=True
     blocked: str | None = None  # with check=True: why the broker blocks publishers, if it does
 
@@ -70,25 +81,35 @@ class Overview:
         yield self.dead_letter
 
 
-def overview(settings, check=False) -> Overview:
-    """Every queue of the cluster as the broker sees it now; BrokerUnavailable if unreachable."""
+def overview(settings, known_nodes=(), check=False) -> Overview:
+    """Every queue of the cluster as the broker sees it now; BrokerUnavailable if unreachable.
+
+    ``known_nodes``: names queues were once declared for (``state.knownnodes``);
+    those not in api_nodes whose queues still exist are ``departed``. ``check``:
+    see the module's docstring.
+    """
     topo = settings.topology
     names = [topology.notification_queue_name(topo), topology.DEAD_LETTER_QUEUE]
+    departed = [node for node in known_nodes if settings.nodes.resolve(node) != node]
     per_node = {}
-    for node in settings.nodes.all:
+    for node in (*settings.nodes.all, *departed):
         main, *retries, failed = [q.name for q in topology.node_queues(node, topo)]
         per_node[node] = (main, retries, failed)
         names += [main, *retries, failed]
+    legacy = [topology.legacy_queue_name(node) for node in per_node]
     checked = ([topology.dead_letter_queue(topo),
                 *topology.node_queues(settings.nodes.this, topo)] if check else [])
-    found, mismatches, blocked = read(settings.broker, names, checked,
+    found, mismatches, blocked = read(settings.broker, names + legacy, checked,
                                       topo if check else None)
+    queues = {node: NodeQueues(node, found[main], tuple(found[r] for r in retries),
+                               found[failed])
+              for node, (main, retries, failed) in per_node.items()}
     return Overview(
         notifications=found[names[0]],
-        nodes=tuple(NodeQueues(node, found[main], tuple(found[r] for r in retries),
-                               found[failed])
-                    for node, (main, retries, failed) in per_node.items()),
+        nodes=tuple(queues[node] for node in settings.nodes.all),
         dead_letter=found[topology.DEAD_LETTER_QUEUE],
+        departed=tuple(queues[node] for node in departed if queues[node].exists),
+        legacy=tuple(found[name] for name in legacy if found[name].exists),
         mismatches=tuple(mismatches),
         blocked=blocked,
     )

@@ -11,6 +11,9 @@
     ├─ glance_image_sync.<node>.failed        events that ran out of attempts
     └─ glance_image_sync.dead_letter          messages rejected as malformed or hostile
 
+``glance_image_sync.<node>.info`` was the 2013 tool's per-node queue: never
+declared here, only reported by ``status`` when it is left over.
+
 Glance's exchange and queue are declared exactly as oslo.messaging's notifier
 declares them for the same [oslo_messaging_rabbit] settings (type, durability,
 auto-delete, x-arguments), so whichever side starts first, the other's
@@ -48,6 +51,11 @@ def retry_queue_name(node: str, delay: int) -> str:
 
 def failed_queue_name(node: str) -> str:
     return f"{PREFIX}.{node}.failed"
+
+
+def legacy_queue_name(node: str) -> str:
+    """A node's queue as the 2013 cron tool named it; nothing reads it any more."""
+    return f"{PREFIX}.{node}.info"
 
 
 def notification_queue_name(topology) -> str:

@@ -9,7 +9,8 @@ One-shot commands for cron (``*/5 * * * * glance-image-sync both``;
 ``cmd.oneshot``): ``duplicate-notifications``, ``sync-images``, ``both``.
 
 For operators (``cmd.admin``): ``status``, ``reconcile``, ``failed list``,
-``failed replay``; and (``cmd.node``) ``doctor``, ``show``, ``ssh-keys``.
+``failed replay``, ``failed purge``, ``forget-node``; and (``cmd.node``)
+``doctor``, ``show``, ``ssh-keys``.
 
 Exit status: 0 when everything was applied, 1 when something failed or was
 rejected (it is logged, and retried or kept where an operator finds it),
@@ -28,8 +29,10 @@ from glance_image_sync.cmd import admin, daemon, node, oneshot
 from glance_image_sync.exceptions import (
     EXIT_BROKER_REFUSED,
     EXIT_CONFIG,
+    EXIT_USAGE,
     BrokerRefused,
     ConfigError,
+    UsageError,
 )
 
 PROG = service.PROG
@@ -51,6 +54,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokerRefused as exc:
         print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
         return EXIT_BROKER_REFUSED

@@ -1,11 +1,16 @@
-"""The operator commands' command lines: ``status``, ``reconcile``, ``failed``.
+"""The operator commands' command lines: ``status``, ``reconcile``, ``failed``, ``forget-node``.
 
 They take no run lock: each works beside a running daemon.
 """
 
 from __future__ import annotations
 
-from glance_image_sync.admin import failed, reconcile, status
+import argparse
+
+from glance_image_sync import events
+from glance_image_sync.admin import failed, forget, reconcile, status
+from glance_image_sync.exceptions import Rejected
+from glance_image_sync.nodes import Nodes
 
 
 def add_parsers(subparsers) -> None:
@@ -32,13 +37,47 @@ def add_parsers(subparsers) -> None:
     parser.set_defaults(run=lambda conf, settings: reconcile.main(conf.command, settings))
 
     parser = subparsers.add_parser(
-        "failed", help="events that ran out of attempts: list them, replay them")
+        "failed", help="events that ran out of attempts, and dead letters: list, replay or "
+        "purge them")
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="show this node's failed events")
-    listing.add_argument("--dead-letter", action="store_true",
-                         help="show the messages rejected as malformed or hostile instead")
+    _dead_letter_flag(listing, "show the messages rejected as malformed or hostile instead")
     listing.add_argument("--format", choices=["table", "json"], default="table")
-    again = actions.add_parser("replay", help="put failed events back in this node's queue")
-    again.add_argument("image_ids", nargs="*", metavar="IMAGE_ID",
-                       help="only these images (default: every failed event)")
+    again = actions.add_parser(
+        "replay", help="put failed events back in this node's queue (dead letters: back "
+        "where they came from)")
+    _dead_letter_flag(again, "replay dead letters, each into the queue it was taken from")
+    again.add_argument("image_ids", nargs="*", metavar="IMAGE_ID", type=_image_id,
+                       help="only these images (default: all)")
+    gone = actions.add_parser("purge", help="remove failed events or dead letters for good")
+    _dead_letter_flag(gone, "purge dead letters instead")
+    which = gone.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every one of them")
+    which.add_argument("image_ids", nargs="*", metavar="IMAGE_ID", type=_image_id, default=[],
+                       help="only those of these images")
     parser.set_defaults(run=lambda conf, settings: failed.main(conf.command, settings))
+
+
+    parser = subparsers.add_parser(
+        "forget-node", help="delete the queues of a node removed from api_nodes for good")
+    parser.add_argument("node", metavar="NAME", type=_host_name,
+                        help="the node, as its queues name it (see 'status')")
+    parser.set_defaults(run=lambda conf, settings: forget.main(conf.command, settings))
+
+
+def _host_name(value: str) -> str:
+    name = Nodes.canonical(value)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a host name")
+    return name
+
+
+def _dead_letter_flag(parser, text) -> None:
+    parser.add_argument("--dead-letter", action="store_true", help=text)
+
+
+def _image_id(value: str) -> str:
+    try:
+        return events.image_id(value)
+    except Rejected as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from glance_image_sync import service
 from glance_image_sync.daemon.supervisor import Supervisor
-from glance_image_sync.exceptions import ConfigError
+from glance_image_sync.exceptions import ConfigError, UsageError
+from glance_image_sync.state import access
 from glance_image_sync.state.runlock import RunLock
 
 
@@ -18,6 +19,12 @@ def add_parsers(subparsers) -> None:
 
 
 def run(conf, settings) -> int:
+    if conf.command.pidfile and not conf.command.daemonize:
+        raise UsageError("--pidfile needs --daemonize (under systemd, the unit tracks the "
+                         "process)")
+    # Before detaching: a problem is reported once, where the operator sees it.
+    access.check_state_dir(settings.store.state_dir)
+    access.check_store(settings.store.datadir)
     if not conf.command.daemonize:
         return Supervisor(conf, settings).run()
     if not (conf.log_file or conf.use_syslog or conf.use_journal):

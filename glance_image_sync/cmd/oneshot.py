@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
+from glance_image_sync.admin.tables import plural
 from glance_image_sync.exceptions import (
     EXIT_BROKER_REFUSED,
     EXIT_FAILED,
@@ -18,6 +19,7 @@ from glance_image_sync.exceptions import (
 )
 from glance_image_sync.fanout.consumer import fanout_loop
 from glance_image_sync.metrics import Exporter
+from glance_image_sync.state import access
 from glance_image_sync.state.runlock import RunLock
 from glance_image_sync.sync.session import sync_loop
 
@@ -30,8 +32,8 @@ def duplicate_notifications(settings) -> bool:
         loop.run()
     finally:
         loop.close()
-    LOG.info("duplicate-notifications: %d notifications handled, %d rejected",
-             loop.component.handled, loop.component.rejected)
+    LOG.info("duplicate-notifications: %s handled, %d rejected",
+             plural(loop.component.handled, "notification"), loop.component.rejected)
     return loop.component.rejected == 0
 
 
@@ -43,8 +45,8 @@ def sync_images(settings) -> bool:
             loop.close()
             Exporter(settings.metrics, loop.component.metrics.registry).write_textfile()
     worker = loop.component
-    LOG.info("sync-images: %d events handled, %d failed attempts, %d rejected",
-             worker.handled, worker.failed_attempts, worker.rejected)
+    LOG.info("sync-images: %s handled, %s, %d rejected", plural(worker.handled, "event"),
+             plural(worker.failed_attempts, "failed attempt"), worker.rejected)
     return worker.failed_attempts == 0 and worker.rejected == 0
 
 
@@ -65,6 +67,9 @@ def add_parsers(subparsers) -> None:
 
 
 def run(settings, steps) -> int:
+    access.check_state_dir(settings.store.state_dir)
+    if sync_images in steps:
+        access.check_store(settings.store.datadir)
     try:
         with RunLock.in_dir(settings.store.state_dir):
             ok = True

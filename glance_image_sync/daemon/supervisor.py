@@ -195,7 +195,8 @@ class Supervisor:
         fanout, sync = self.loops
         worker = sync.component
         parts = [f"fan-out {self._loop_state(fanout)}", f"sync {self._loop_state(sync)}"]
-        parts.append(f"{worker.image_sync.rsync.running} transfers running")
+        running = worker.image_sync.rsync.running
+        parts.append(f"{running} transfer{'' if running == 1 else 's'} running")
         if worker.last_success:
             when, image_id, _ = worker.last_success
             parts.append(f"last sync {_clock(when)} ({image_id})")

@@ -2,7 +2,8 @@
 
 Each notification is parsed once. An ensure-present or ensure-absent event is
 published, as an ImageEvent, to the queue of every node in ``api_nodes``
-(declared for all of them, so a node that is down still collects its events).
+(declared for all of them, so a node that is down still collects its events;
+each name is remembered in ``state_dir``, ``knownnodes``).
 
 Ack contract: a notification is acked only after the broker confirmed every
 node's copy *and* routed it to that node's queue. If any copy is refused or
@@ -23,6 +24,7 @@ from glance_image_sync.broker.loop import ConnectionLoop
 from glance_image_sync.events import Ignored
 from glance_image_sync.exceptions import Reconnect, Rejected
 from glance_image_sync.fanout import notifications
+from glance_image_sync.state import knownnodes
 
 LOG = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class FanOut(QueueConsumer):
     def declare(self, connection, channel):
         self.report(topology.declare_own_queues(connection, self.nodes.all,
                                                 self.settings.topology))
+        self._remember(self.nodes.all)
         queue, mismatches = topology.declare_notification_queue(connection,
                                                                 self.settings.topology)
         self.report(mismatches)
@@ -45,6 +48,16 @@ class FanOut(QueueConsumer):
         if self.channel is not None:  # a new node's queue collects events from now on
             self.report(topology.declare_own_queues(self.channel.connection, nodes.all,
                                                     self.settings.topology))
+            self._remember(nodes.all)
+
+    def _remember(self, names) -> None:
+        """Every node queues were declared for: status finds them after a node is removed."""
+        state_dir = self.settings.store.state_dir
+        try:
+            knownnodes.remember(state_dir, names)
+        except OSError as exc:
+            LOG.warning("fan-out: cannot record the nodes it declared queues for in %s: %s",
+                        knownnodes.path_in(state_dir), exc.strerror)
 
     def on_delivery(self, delivery) -> None:
         try:

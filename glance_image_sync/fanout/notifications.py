@@ -19,11 +19,14 @@ validated result or raises ``Rejected`` with the reason.
 
 from __future__ import annotations
 
+from oslo_log import log as logging
+
 from glance_image_sync import events
 from glance_image_sync import nodes as nodes_mod
 from glance_image_sync.events import Action, Ignored, ImageEvent, show
 from glance_image_sync.exceptions import Rejected
 
+LOG = logging.getLogger(__name__)
 _ACTIONS = {
     "image.upload": Action.PRESENT,
     "image.activate": Action.PRESENT,
@@ -74,10 +77,13 @@ def parse(body, nodes) -> ImageEvent | Ignored:
 
 
 def publisher_node(publisher_id: str, nodes) -> str | None:
-    """The node that published, or None for Glance's default ``image.localhost``.
+    """The node that published, or None when it names no node of ``api_nodes``.
 
-    Raises Rejected for a publisher that is not one of api_nodes: its id
-    would otherwise decide which machine we ssh to.
+    None for Glance's default ``image.localhost``, and for a well-formed host
+    name that is not (or no longer, or not yet) in ``api_nodes``, as during a
+    rolling change of the list: the image is then fetched from the peers,
+    never from a host outside ``api_nodes``. Raises Rejected for a publisher
+    that is not a host name at all (look-alike letters, shell characters...).
     """
     host = publisher_id[len("image."):] if publisher_id.startswith("image.") else publisher_id
     canonical = nodes_mod.normalize_hostname(host)
@@ -87,7 +93,8 @@ def publisher_node(publisher_id: str, nodes) -> str | None:
         return None
     node = nodes.resolve(canonical)
     if node is None:
-        raise Rejected(f"publisher {show(host)} is not in api_nodes")
+        LOG.warning("publisher %s is not in api_nodes (%s): the image is fetched from the "
+                    "peers", canonical, ", ".join(nodes.all))
     return node
 
 

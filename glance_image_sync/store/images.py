@@ -11,13 +11,16 @@ temporary file in the same directory (mode 0600, so no one reads a partial
 image), verified against the event's size and md5, given its owner and mode,
 fsynced, and only then renamed onto ``<id>``. A copy that fails verification is
 removed, never renamed. The directory is fsynced after every rename and unlink.
+
+Temporary names carry this process's owner token (``owner``): a process
+removes only its own temporaries and those of processes that are gone, so the
+daemon, a cron run and ``reconcile`` can write into one store at once.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 import threading
 
@@ -26,10 +29,11 @@ from oslo_log import log as logging
 from glance_image_sync import events
 from glance_image_sync.exceptions import DiskFull, Rejected, StoreError, VerificationFailed
 from glance_image_sync.store import checksum
+from glance_image_sync.store.owner import OWNER_PREFIX, TEMP_PREFIX, Owner, token_of
 
 LOG = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".glance-image-sync."
+__all__ = ["TEMP_PREFIX", "ImageStore"]
 _CACHE_LIMIT = 100_000
 
 
@@ -44,13 +48,16 @@ class ImageStore:
                 f"cannot open the image store {self.datadir}: {exc.strerror}"
             ) from None
         st = os.fstat(self.dir_fd)
-        self.owner = (st.st_uid, st.st_gid)
+        self.owner_ids = (st.st_uid, st.st_gid)
         # (dev, ino, size, mtime_ns, ctime_ns) -> md5 hex: Glance sends three
         # or more events per upload, and image.update on every property change.
         self._verified = {}
         self._lock = threading.Lock()
+        self.owner = Owner(self.dir_fd)
 
     def close(self) -> None:
+        """Give up this process's owner file (remove its temporaries first) and the store."""
+        self.owner.release()
         os.close(self.dir_fd)
 
     # -- reading -----------------------------------------------------------
@@ -73,6 +80,21 @@ class ImageStore:
             if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 return False
             return self._md5_of(fd, st) == md5
+        finally:
+            os.close(fd)
+
+    def checksum(self, image_id: str):
+        """(size, md5) of ``<id>`` as it is now; StoreError if it is no regular file."""
+        name = events.image_id(image_id)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError as exc:
+            raise StoreError(f"cannot read {name} in {self.datadir}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{name} in {self.datadir} is not a regular file")
+            return st.st_size, self._md5_of(fd, st)
         finally:
             os.close(fd)
 
@@ -136,7 +158,14 @@ class ImageStore:
         free = self.free_bytes()
         if free < size:
             raise DiskFull(f"disk full: {name} needs {size} bytes, {free} free in {self.datadir}")
-        temp = f"{TEMP_PREFIX}{name}.{secrets.token_hex(4)}"
+        self.owner.hold()
+        try:
+            self._install(name, size, md5, fetch)
+        finally:
+            self.owner.let_go()
+
+    def _install(self, name: str, size: int, md5: str, fetch) -> None:
+        temp = self.owner.temp_name(name)
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.dir_fd)
         try:
@@ -147,8 +176,13 @@ class ImageStore:
             finally:
                 digest, hashed = follower.finish()
             st = os.fstat(fd)
-            if os.stat(temp, dir_fd=self.dir_fd, follow_symlinks=False).st_ino != st.st_ino:
-                raise StoreError(f"temporary file {temp} was replaced during the transfer")
+            try:
+                in_place = os.stat(temp, dir_fd=self.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                in_place = None
+            if in_place is None or in_place.st_ino != st.st_ino:
+                raise StoreError(f"temporary file {temp} in {self.datadir} was removed or "
+                                 "replaced during the transfer")
             if st.st_size != size:
                 raise VerificationFailed(f"size {st.st_size}, expected {size}")
             if digest != md5 or hashed != st.st_size:
@@ -156,8 +190,8 @@ class ImageStore:
                 digest = checksum.md5_of_fd(fd)
             if digest != md5:
                 raise VerificationFailed(f"md5 {digest}, expected {md5}")
-            if (st.st_uid, st.st_gid) != self.owner:
-                os.fchown(fd, *self.owner)
+            if (st.st_uid, st.st_gid) != self.owner_ids:
+                os.fchown(fd, *self.owner_ids)
             os.fchmod(fd, self.file_mode if self.file_mode is not None
                       else stat.S_IMODE(st.st_mode) & 0o777)
             os.fsync(fd)
@@ -191,15 +225,22 @@ class ImageStore:
         return True
 
     def remove_temporaries(self, image_id: str | None = None) -> list:
-        """Remove our temporary files (of one image, or all); return their names.
+        """Remove temporaries (of one image, or all) of this process and of gone ones.
 
-        Left behind only by a run that was killed: at start-up nothing of ours
-        is writing any.
+        Another live process's are never touched (``owner``); with no
+        ``image_id``, the owner files of gone processes go too. Returns the
+        names removed.
         """
         prefix = TEMP_PREFIX + (events.image_id(image_id) + "." if image_id else "")
         removed = []
+        verdicts = {}  # token -> may be removed
         for entry in os.scandir(self.dir_fd):
-            if not entry.name.startswith(prefix):
+            if not entry.name.startswith(prefix) or entry.name.startswith(OWNER_PREFIX):
+                continue
+            token = token_of(entry.name)
+            if token not in verdicts:
+                verdicts[token] = self.owner.mine(token) or not self.owner.alive(token)
+            if not verdicts[token]:
                 continue
             if entry.is_file(follow_symlinks=False):
                 if self._unlink_quietly(entry.name):
@@ -207,6 +248,8 @@ class ImageStore:
             elif image_id is None and entry.is_dir(follow_symlinks=False):
                 if self._remove_staging(entry.name):
                     removed.append(entry.name)
+        if image_id is None:
+            self.owner.remove_gone_owner_files()
         return removed
 
     def _remove_staging(self, name: str) -> bool:

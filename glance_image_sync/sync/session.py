@@ -29,8 +29,10 @@ LOG = logging.getLogger(__name__)
 def sync_loop(settings, stop_event=None, once=False):
     """A ready sync worker's loop; temporaries of a killed run are removed first.
 
-    Call only while holding the run lock: it assumes no other process of ours
-    is writing into the store.
+    Call while holding the run lock (one worker per node). Other processes
+    may write into the store meanwhile (``reconcile --fix``): the sweeps at
+    start and stop remove only this process's temporaries and those of
+    processes that are gone (``store.owner``).
     """
     try:
         store = ImageStore(settings.store)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import secrets
 import threading
 
 from oslo_log import log as logging
 
 from glance_image_sync import events
 from glance_image_sync.exceptions import TransferCancelled, TransferFailed
-from glance_image_sync.store.images import TEMP_PREFIX
+from glance_image_sync.store.owner import batch_name_beside
 from glance_image_sync.transfer.rsync import (
     first_line,
     kill_group,
@@ -175,11 +174,12 @@ def _make_staging(wanted: dict) -> str:
 
     rsync puts several files into one directory under their own names; the
     links make those the destination files themselves (``--inplace`` writes
-    into the file it finds). Named like the store's temporaries, so a directory
-    left by a killed run is removed at the next start.
+    into the file it finds). Named like the store's temporaries, with the same
+    owner, so a directory left by a killed run is removed at the next start and
+    never while its process runs.
     """
-    parent = os.path.dirname(next(iter(wanted.values())))
-    staging = os.path.join(parent, f"{TEMP_PREFIX}batch.{secrets.token_hex(4)}")
+    first = next(iter(wanted.values()))
+    staging = os.path.join(os.path.dirname(first), batch_name_beside(os.path.basename(first)))
     os.mkdir(staging, 0o700)
     try:
         for image_id, dest in wanted.items():
