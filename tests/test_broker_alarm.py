@@ -128,8 +128,8 @@ def test_a_blocked_broker_keeps_the_fan_outs_connection_and_thread(alarm_broker,
 
             wait_for(watched_for_long_enough, 20, interval=0.2, what="8 s of watching")
             assert max(gaps) < 4.0, f"the loop's thread stalled {max(gaps):.1f} s"
-            # oslo.log's handler (set up by settings_for) writes to stdout.
-            during = capsys.readouterr().out
+            # oslo.log's handler (set up by settings_for) writes to stderr.
+            during = capsys.readouterr().err
             assert during.count("fan-out: connected to") == 1, during
             assert "reconnecting" not in during, during
             assert loop.blocked is not None  # py-amqp's connection.blocked, recorded

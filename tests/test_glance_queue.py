@@ -106,8 +106,8 @@ def test_a_queue_glance_declared_otherwise_is_consumed_as_it_is_and_status_says_
     capsys.readouterr()
     fanout = fan_out_once(ours)
     assert fanout.handled == 2  # consumed as it is
-    # oslo.log's handler (set up by service.prepare) writes to stdout.
-    errors = [line for line in capsys.readouterr().out.splitlines() if " ERROR " in line]
+    # oslo.log's handler (set up by service.prepare) writes to stderr.
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
     assert len(errors) == 1, errors
     assert ("fan-out: queue glance_notifications.info (and its exchange glance) exists with "
             "other arguments than [oslo_messaging_rabbit] rabbit_quorum_queue gives it "
