@@ -99,8 +99,8 @@ def overview(settings, known_nodes=(), check=False) -> Overview:
     legacy = [topology.legacy_queue_name(node) for node in per_node]
     checked = ([topology.dead_letter_queue(topo),
                 *topology.node_queues(settings.nodes.this, topo)] if check else [])
-    found, mismatches, blocked = read(settings.broker, names + legacy, checked,
-                                      topo if check else None)
+    found, mismatches, blocked = inspect(settings.broker, names + legacy, checked,
+                                         topo if check else None)
     queues = {node: NodeQueues(node, found[main], tuple(found[r] for r in retries),
                                found[failed])
               for node, (main, retries, failed) in per_node.items()}
@@ -115,7 +115,12 @@ def overview(settings, known_nodes=(), check=False) -> Overview:
     )
 
 
-def read(broker, names, check=(), glance=None) -> tuple:
+def read(broker, names) -> dict:
+    """{name: QueueStats} for each queue name; BrokerUnavailable if unreachable."""
+    return inspect(broker, names)[0]
+
+
+def inspect(broker, names, check=(), glance=None) -> tuple:
     """({name: QueueStats} for each queue name, [Mismatch] among the ``check`` queues
     that exist, why the broker blocks publishers or None); BrokerUnavailable if
     unreachable. With ``glance`` (TopologySettings), Glance's queue is checked
