@@ -39,16 +39,19 @@ daemon. prometheus_client writes it to a temporary name and renames it.
 from __future__ import annotations
 
 import dataclasses
+import socket
+import socketserver
 import threading
 import time
 from contextlib import contextmanager
+from wsgiref import simple_server
 
 from oslo_log import log as logging
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
     write_to_textfile,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -203,6 +206,30 @@ class _NodeStateCollector:
         yield from (success, error)
 
 
+class _ThreadingServer(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold up the process's exit
+
+
+class _QuietHandler(simple_server.WSGIRequestHandler):
+    def log_message(self, *args) -> None:
+        """No line on stderr per scrape."""
+
+
+def serve_http(address: str, port: int, registry):
+    """``registry`` at http://address:port/metrics, served by a thread; the server.
+
+    prometheus_client's own WSGI app, on a server made here: its
+    start_http_server returns nothing to stop the server with before 0.17,
+    and Debian 12 has 0.16.
+    """
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (_ThreadingServer,), {"address_family": family})
+    server = simple_server.make_server(address, port, make_wsgi_app(registry), server_class,
+                                       handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
 class Exporter:
     """Makes one registry's metrics available as ``MetricsSettings`` asks.
 
@@ -225,9 +252,8 @@ class Exporter:
         """Serve over HTTP and keep the textfile fresh, as configured (the daemon)."""
         if self.settings.listen_port:
             try:
-                self._server, _ = start_http_server(self.settings.listen_port,
-                                                    addr=self.settings.listen_address,
-                                                    registry=self.registry)
+                self._server = serve_http(self.settings.listen_address,
+                                          self.settings.listen_port, self.registry)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve metrics on {self.settings.listen_address}:"

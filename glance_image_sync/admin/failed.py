@@ -39,7 +39,7 @@ class Moved:
     moved: int = 0
     refused: list = field(default_factory=list)  # "image id: why"
     error: str | None = None  # the broker failure that stopped the move
-    in_doubt: int = 0  # sent, outcome not handled when it stopped: may have arrived too
+    in_doubt: int = 0  # sent when it stopped, never confirmed: may have arrived too
 
 
 def _what(args) -> tuple:
@@ -82,9 +82,12 @@ def move(connection, source: str, nodes, choose, target_of, chunk: int | None = 
             if taken < chunk:
                 return result
     except broker.ERRORS as exc:
-        # in_doubt: sent, and its outcome not handled (unconfirmed, or confirmed
-        # only in a frame read before the error, its source never acked).
         result.error = str(exc) or type(exc).__name__
+        # What the broker confirmed before the failure is moved, if its ack can
+        # still be sent; the rest is in doubt.
+        with contextlib.suppress(*broker.ERRORS):
+            batch.run_settled()
+        result.in_doubt = batch.unsettled
         return result
     finally:
         with contextlib.suppress(*broker.ERRORS):
@@ -99,14 +102,12 @@ def _publish_back(batch, channel, message, item, target_of, result) -> None:
         return
 
     def done(ok, reason):
-        result.in_doubt -= 1
         if ok:
             channel.basic_ack(message.delivery_tag)
             result.moved += 1
         else:
             result.refused.append(f"{item.image_id}: {reason}")
 
-    result.in_doubt += 1
     batch.publish(message.body, routing_key, on_done=done, headers=headers,
                   content_type=message.content_type or "application/json",
                   content_encoding=message.content_encoding)

@@ -20,6 +20,7 @@ from glance_image_sync.store.images import ImageStore
 from glance_image_sync.sync.apply import ImageSync
 from glance_image_sync.sync.ordering import OrderedDispatcher
 from glance_image_sync.sync.worker import SyncWorker
+from glance_image_sync.transfer import masters
 from glance_image_sync.transfer.sessions import Rsync
 
 LOG = logging.getLogger(__name__)
@@ -27,7 +28,10 @@ LOG = logging.getLogger(__name__)
 
 @contextmanager
 def sync_loop(settings, stop_event=None, once=False):
-    """A ready sync worker's loop; temporaries of a killed run are removed first.
+    """A ready sync worker's loop; what a killed run left is cleaned up first.
+
+    Its temporaries are removed and its ssh connections to peers closed; at
+    the end, ours are.
 
     Call while holding the run lock (one worker per node). Other processes
     may write into the store meanwhile (``reconcile --fix``): the sweeps at
@@ -44,6 +48,7 @@ def sync_loop(settings, stop_event=None, once=False):
         for name in store.remove_temporaries():
             LOG.warning("removed %s, left in %s by an interrupted transfer", name,
                         settings.store.datadir)
+        masters.close_all(rsync.settings)
         tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
         tombstones.prune()
         records = ImageRecords(settings.store.state_dir, settings.store.deleted_memory)
@@ -57,6 +62,7 @@ def sync_loop(settings, stop_event=None, once=False):
     finally:
         rsync.cancel_all()
         dispatcher.shutdown()
+        rsync.close()
         for name in store.remove_temporaries():
             LOG.info("removed %s of an abandoned transfer", name)
         store.close()
