@@ -12,6 +12,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # something failed or needs a human; it is logged and kept
 EXIT_USAGE = 2  # the command line is wrong (argparse's own status)
 EXIT_CONFIG = 2  # the configuration cannot work
+# The broker refused the credentials of transport_url (sysexits.h's
+# EX_CONFIG): systemd's unit does not restart on it (RestartPreventExitStatus).
+EXIT_BROKER_REFUSED = 78
 
 
 class ConfigError(Exception):
@@ -24,6 +27,10 @@ class UsageError(Exception):
 
 class BrokerUnavailable(Exception):
     """The broker could not be reached (a one-shot run gave up, or a read failed)."""
+
+
+class BrokerRefused(Exception):
+    """The broker refused the credentials (ACCESS_REFUSED); the message names the broker."""
 
 
 class Reconnect(Exception):

@@ -58,6 +58,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from glance_image_sync.broker import queues as queuestats
 from glance_image_sync.exceptions import (
+    BrokerRefused,
     BrokerUnavailable,
     ConfigError,
     NodeStateError,
@@ -158,7 +159,7 @@ class _BrokerCollector:
                                       labels=["queue"])
         try:
             overview = queuestats.overview(self.settings)
-        except BrokerUnavailable as exc:
+        except (BrokerUnavailable, BrokerRefused) as exc:  # broker_up 0 says it
             failure = exc
         else:
             failure = None

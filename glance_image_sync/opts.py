@@ -1,12 +1,20 @@
 """Every option of glance-image-sync, with its help text.
 
-Most options live in ``[DEFAULT]`` of ``/etc/glance/glance-image-sync.conf``.
-The optional credentials for Glance's API are keystoneauth1's own options in
-``[keystone_authtoken]`` (where Glance keeps its service user's), read with
-keystoneauth1's loading helpers; where to find the API is in ``[glance_api]``.
-``api_nodes``, ``rsync_user``, ``log_file`` and ``verbose`` are the names the
-original cron tool used; they keep working. ``list_opts`` feeds
-``oslo-config-generator`` (``etc/glance-image-sync.conf.sample``).
+The tool's own options live in ``[DEFAULT]`` of
+``/etc/glance/glance-image-sync.conf``. The optional credentials for Glance's
+API are keystoneauth1's own options in ``[keystone_authtoken]`` (where Glance
+keeps its service user's), read with keystoneauth1's loading helpers; where to
+find the API is in ``[glance_api]``. ``api_nodes``, ``rsync_user``,
+``log_file`` and ``verbose`` are the names the original cron tool used; they
+keep working. ``list_opts`` feeds ``oslo-config-generator``
+(``etc/glance-image-sync.conf.sample``).
+
+The settings that must agree with Glance's are Glance's own: ``transport_url``
+in ``[DEFAULT]`` and ``rabbit_opts`` in ``[oslo_messaging_rabbit]`` carry
+oslo.messaging's names, types, defaults and meaning, so that Glance's own
+glance-api.conf can be passed as the first ``--config-file`` and the two
+cannot disagree (``tests/test_glance_config.py`` compares them with
+oslo.messaging's own definitions).
 """
 
 import socket
@@ -43,8 +51,9 @@ messaging_opts = [
         default="rabbit://guest:guest@localhost:5672/",
         secret=True,
         help="RabbitMQ to read Glance's notifications from and keep the "
-        "per-node queues in, as in Glance's own transport_url "
-        "(rabbit://user:password@host:port[,user:password@host2:port]/vhost).",
+        "per-node queues in: Glance's own transport_url "
+        "(rabbit://user:password@host:port[,user:password@host2:port]/vhost). "
+        "With several brokers (the nodes of a cluster), each is tried in turn.",
     ),
     cfg.StrOpt(
         "notification_exchange",
@@ -59,25 +68,6 @@ messaging_opts = [
         help="Notification topic Glance publishes to and nobody else reads. "
         "Add it to Glance's [oslo_messaging_notifications] topics; the queue "
         "read is <notification_topic>.info.",
-    ),
-    cfg.BoolOpt(
-        "notification_durable",
-        default=False,
-        help="Declare the notification exchange and queue durable. Must equal "
-        "Glance's [oslo_messaging_rabbit] amqp_durable_queues, or RabbitMQ "
-        "refuses Glance's next publish. Only used when the queue does not exist "
-        "yet; an existing queue is used as it is.",
-    ),
-    cfg.StrOpt(
-        "queue_type",
-        default="classic",
-        choices=[
-            ("classic", "Durable classic queues (a single broker)."),
-            ("quorum", "Replicated quorum queues (a clustered broker)."),
-        ],
-        help="Type of the queues glance-image-sync declares itself (per-node, "
-        "retry, failed and dead-letter queues). Changing it needs the old "
-        "queues deleted first.",
     ),
     cfg.IntOpt(
         "heartbeat",
@@ -256,6 +246,76 @@ metrics_opts = [
     ),
 ]
 
+RABBIT_GROUP = "oslo_messaging_rabbit"
+
+# oslo.messaging's own definitions (same name, type and default): Glance's
+# glance-api.conf sets them, and the notification queue must be declared as
+# Glance's notifier declares it.
+rabbit_opts = [
+    cfg.BoolOpt(
+        "rabbit_quorum_queue",
+        default=False,
+        help="Use quorum queues (x-queue-type: quorum), as oslo.messaging's option: "
+        "Glance's notification queue and every queue of glance-image-sync (quorum "
+        "queues are replicated over a RabbitMQ cluster, always durable). Must be "
+        "Glance's value: give Glance's glance-api.conf as the first --config-file.",
+    ),
+    cfg.BoolOpt(
+        "amqp_durable_queues",
+        default=False,
+        help="Declare Glance's notification exchange and queue durable, as "
+        "oslo.messaging's option (ignored with rabbit_quorum_queue). Must be "
+        "Glance's value. The queues of glance-image-sync are always durable.",
+    ),
+    cfg.BoolOpt(
+        "amqp_auto_delete",
+        default=False,
+        help="Declare Glance's notification exchange and queue auto-delete, as "
+        "oslo.messaging's option. Must be Glance's value.",
+    ),
+    cfg.BoolOpt(
+        "rabbit_ha_queues",
+        default=False,
+        help="Declare Glance's notification queue with x-ha-policy: all, as "
+        "oslo.messaging's option. Must be Glance's value.",
+    ),
+    *(cfg.IntOpt(name, default=0, help=f"{argument} of Glance's quorum notification "
+                 "queue, as oslo.messaging's option; 0 sets none. Must be Glance's value.")
+      for name, argument in (("rabbit_quorum_delivery_limit", "x-delivery-limit"),
+                             ("rabbit_quorum_max_memory_length", "x-max-in-memory-length"),
+                             ("rabbit_quorum_max_memory_bytes", "x-max-in-memory-bytes"))),
+    cfg.BoolOpt(
+        "ssl",
+        default=False,
+        help="Connect to every broker over TLS. The broker's certificate is always "
+        "verified, and so is its host name against the one in transport_url.",
+    ),
+    cfg.StrOpt(
+        "ssl_version",
+        default="",
+        help="TLS protocol version, as oslo.messaging's option (TLSv1, SSLv23, "
+        "TLSv1_1, TLSv1_2, where Python offers them). Empty: the best both sides offer.",
+    ),
+    cfg.StrOpt("ssl_key_file", default="",
+               help="Private key of the client certificate (with ssl)."),
+    cfg.StrOpt("ssl_cert_file", default="",
+               help="Client certificate, for brokers that ask for one (with ssl). Empty: "
+               "none is sent."),
+    cfg.StrOpt("ssl_ca_file", default="",
+               help="CA certificates that verify the broker's certificate (with ssl). "
+               "Empty: the system's trusted CAs."),
+]
+
+# Replaced by Glance's own options: registered only to say so.
+removed_opts = [
+    cfg.StrOpt("notification_durable", help="Removed: see amqp_durable_queues."),
+    cfg.StrOpt("queue_type", help="Removed: see rabbit_quorum_queue."),
+]
+REMOVED = {
+    "notification_durable": "[oslo_messaging_rabbit] amqp_durable_queues",
+    "queue_type": "[oslo_messaging_rabbit] rabbit_quorum_queue",
+}
+
 legacy_opts = [
     cfg.BoolOpt(
         "verbose",
@@ -308,6 +368,7 @@ def list_opts():
         (AUTH_GROUP, ks_loading.get_auth_common_conf_options()
          + ks_loading.get_session_conf_options()
          + ks_loading.get_auth_plugin_conf_options("password")),
+        (RABBIT_GROUP, rabbit_opts),
     ]
 
 
@@ -320,3 +381,4 @@ def register_opts(conf):
             ks_loading.register_session_conf_options(conf, AUTH_GROUP)
             continue
         conf.register_opts(opts, group=None if group == "DEFAULT" else group)
+    conf.register_opts(removed_opts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import urllib.parse
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from keystoneauth1 import loading as ks_loading
 from glance_image_sync import opts
 from glance_image_sync.exceptions import ConfigError
 from glance_image_sync.nodes import Nodes
+from glance_image_sync.opts import REMOVED
 
 _USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 # rsync splits its -e string on whitespace and honours quotes: a path that
@@ -29,10 +31,21 @@ _CIPHER_RE = re.compile(r"[a-z0-9][a-z0-9@.-]*")
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """[oslo_messaging_rabbit] ssl_*: the broker's certificate is always verified."""
+
+    ca_file: str | None = None  # None: the system's trusted CAs
+    cert_file: str | None = None  # a client certificate, or None
+    key_file: str | None = None
+    version: str | None = None  # oslo.messaging's ssl_version name, or None: the best
+
+
+@dataclass(frozen=True)
 class BrokerSettings:
     urls: tuple  # kombu URLs, password included: never log these
     heartbeat: int
     consumer_timeout: int
+    tls: TlsSettings | None = None  # None: plain AMQP
 
     def redacted(self) -> str:
         """The broker addresses, as they may appear in logs."""
@@ -46,11 +59,16 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class TopologySettings:
+    """How the queues are declared: Glance's as oslo.messaging's notifier does, and ours."""
+
     exchange: str
     topic: str
-    durable: bool
-    queue_type: str
+    durable: bool  # Glance's exchange and queue: amqp_durable_queues or rabbit_quorum_queue
+    quorum: bool  # rabbit_quorum_queue: Glance's queue and every one of ours
     retry_delays: tuple
+    auto_delete: bool = False  # amqp_auto_delete (Glance's exchange and queue)
+    # The x-arguments oslo.messaging gives Glance's queue, as sorted (name, value) pairs.
+    notification_arguments: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -123,20 +141,25 @@ class Settings:
             nodes = Nodes(conf.api_nodes, conf.host)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        _no_removed_options(conf)
         datadir = _absolute_path(conf.filesystem_store_datadir, "filesystem_store_datadir")
+        rabbit = conf.oslo_messaging_rabbit
         return cls(
             nodes=nodes,
             broker=BrokerSettings(
                 urls=tuple(kombu_urls(conf.transport_url)),
                 heartbeat=conf.heartbeat,
                 consumer_timeout=conf.consumer_timeout,
+                tls=_tls(rabbit),
             ),
             topology=TopologySettings(
                 exchange=_name(conf.notification_exchange, "notification_exchange"),
                 topic=_name(conf.notification_topic, "notification_topic"),
-                durable=conf.notification_durable,
-                queue_type=conf.queue_type,
+                durable=rabbit.amqp_durable_queues or rabbit.rabbit_quorum_queue,
+                quorum=rabbit.rabbit_quorum_queue,
                 retry_delays=tuple(conf.retry_delays) or (60,),
+                auto_delete=rabbit.amqp_auto_delete,
+                notification_arguments=_notification_arguments(rabbit),
             ),
             store=StoreSettings(
                 datadir=datadir,
@@ -165,6 +188,60 @@ class Settings:
             ),
             glance_api=glance_api_settings(conf),
         )
+
+
+def _no_removed_options(conf) -> None:
+    for name, replacement in REMOVED.items():
+        if conf[name] is not None:
+            raise ConfigError(f"{name} was removed: set {replacement} instead, to Glance's "
+                              "value (or pass Glance's glance-api.conf as the first "
+                              "--config-file), and delete the old line")
+
+
+def _notification_arguments(rabbit) -> tuple:
+    """The x-arguments of Glance's queue, as oslo.messaging's notifier gives them."""
+    if rabbit.rabbit_quorum_queue and rabbit.rabbit_ha_queues:
+        # oslo.messaging refuses this too: Glance could not publish.
+        raise ConfigError("[oslo_messaging_rabbit] rabbit_quorum_queue and rabbit_ha_queues "
+                          "are both true: a queue is quorum or mirrored, not both")
+    arguments = {}
+    if rabbit.rabbit_ha_queues:
+        arguments["x-ha-policy"] = "all"
+    if rabbit.rabbit_quorum_queue:
+        arguments["x-queue-type"] = "quorum"
+        for name, value in (("x-delivery-limit", rabbit.rabbit_quorum_delivery_limit),
+                            ("x-max-in-memory-length", rabbit.rabbit_quorum_max_memory_length),
+                            ("x-max-in-memory-bytes", rabbit.rabbit_quorum_max_memory_bytes)):
+            if value:
+                arguments[name] = value
+    return tuple(sorted(arguments.items()))
+
+
+# oslo.messaging's ssl_version names (case-insensitive), each a protocol of
+# Python's ssl module where this Python still offers it.
+SSL_VERSIONS = {"tlsv1": "PROTOCOL_TLSv1", "sslv23": "PROTOCOL_SSLv23",
+                "sslv2": "PROTOCOL_SSLv2", "sslv3": "PROTOCOL_SSLv3",
+                "tlsv1_1": "PROTOCOL_TLSv1_1", "tlsv1_2": "PROTOCOL_TLSv1_2"}
+
+
+def _tls(rabbit) -> TlsSettings | None:
+    if not rabbit.ssl:
+        return None
+    version = rabbit.ssl_version.lower() or None
+    if version is not None and not hasattr(ssl, SSL_VERSIONS.get(version, "-")):
+        raise ConfigError(f"[oslo_messaging_rabbit] ssl_version {rabbit.ssl_version!r} is not "
+                          "one this Python offers (TLSv1, SSLv23, TLSv1_1, TLSv1_2); leave it "
+                          "empty for the best both sides offer")
+    files = {}
+    for name in ("ssl_ca_file", "ssl_cert_file", "ssl_key_file"):
+        value = getattr(rabbit, name)
+        if value and not os.path.isfile(value):
+            raise ConfigError(f"[oslo_messaging_rabbit] {name} {value} does not exist")
+        files[name] = value or None
+    if files["ssl_key_file"] and not files["ssl_cert_file"]:
+        raise ConfigError("[oslo_messaging_rabbit] ssl_key_file is set without ssl_cert_file")
+    return TlsSettings(ca_file=files["ssl_ca_file"], cert_file=files["ssl_cert_file"],
+                       key_file=files["ssl_key_file"], version=version)
 
 
 def glance_api_settings(conf) -> GlanceApiSettings:
@@ -209,8 +286,12 @@ def kombu_urls(transport_url: str) -> list:
     vhost = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
     urls = []
     for host in parsed.netloc.split(","):
-        if not host.rpartition("@")[2]:
+        hostport = host.rpartition("@")[2]
+        if not hostport:
             raise ConfigError("transport_url names no broker host")
+        if not re.search(r":\d+$", hostport):
+            # oslo.messaging's default, with TLS too (kombu's would be 5671).
+            host += ":5672"
         urls.append(f"amqp://{host}/{vhost}")
     return urls
 

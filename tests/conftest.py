@@ -39,9 +39,7 @@ def _need_broker():
         pytest.fail("RabbitMQ is not running on 127.0.0.1:5672 (rabbitmq-server -detached)")
 
 
-@pytest.fixture
-def vhost():
-    """A RabbitMQ virtual host of this test's own; yields its kombu URL."""
+def _own_vhost():
     _need_broker()
     if os.geteuid() != 0:
         pytest.skip("creating a virtual host needs rabbitmqctl, as root")
@@ -53,6 +51,18 @@ def vhost():
     finally:
         if broker_running():
             rabbitmqctl("delete_vhost", name, check=False)
+
+
+@pytest.fixture
+def vhost():
+    """A RabbitMQ virtual host of this test's own; yields its name."""
+    yield from _own_vhost()
+
+
+@pytest.fixture
+def other_vhost():
+    """A second virtual host of this test's own, to compare two runs side by side."""
+    yield from _own_vhost()
 
 
 @pytest.fixture

@@ -35,6 +35,12 @@ class Publisher:
                                          expiration_ms=expiration_ms, settled=False,
                                          content_encoding=content_encoding))
 
+    def discard(self):
+        self.discarded = True
+
+    def resume(self):
+        self.resumed = getattr(self, "resumed", 0) + 1
+
     def settle(self, index=-1, ok=True, reason=""):
         """Confirm (or refuse) one publish, as the broker's ack would."""
         entry = self.sent[index]

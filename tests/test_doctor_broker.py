@@ -19,7 +19,8 @@ def test_a_wrong_password_fails_with_its_fix_and_the_password_hidden(tmp_path, v
     found = checks(tmp_path, f"rabbit://guest:wrong-secret@127.0.0.1:5672/{vhost}")
     broker = found["broker"]
     assert broker.status == FAIL and "ACCESS_REFUSED" in broker.detail
-    assert broker.detail.startswith(f"amqp://guest:****@127.0.0.1:5672/{vhost}: ")
+    assert broker.detail.startswith(f"amqp://guest:****@127.0.0.1:5672/{vhost} refused the "
+                                    "credentials")
     assert "correct user 'guest' or its password in transport_url" in broker.fix
     assert "wrong-secret" not in broker.detail + broker.fix
     assert found["glance queue"].status == SKIP and found["glance publishes"].status == SKIP
@@ -58,25 +59,25 @@ def test_glance_queue_missing_then_present_with_a_notification_waiting(tmp_path,
                                       routing_key="glance_notifications.info", retry=True)
     found = checks(tmp_path, url)
     assert found["glance queue"].status == PASS
-    assert "exists (not durable, as notification_durable says): 1 message waiting" in \
+    assert "exists (not durable, as [oslo_messaging_rabbit] says): 1 message waiting" in \
         found["glance queue"].detail
     assert found["glance publishes"].status == PASS
     assert "1 notification wait in glance_notifications.info" in found["glance publishes"].detail
 
 
-def test_a_queue_whose_flags_differ_from_notification_durable_fails_and_stays(tmp_path, vhost):
+def test_a_queue_whose_flags_differ_from_amqp_durable_queues_fails_and_stays(tmp_path, vhost):
     with kombu.Connection(f"amqp://guest:guest@127.0.0.1:5672/{vhost}") as connection:
         kombu.Queue("glance_notifications.info", durable=True).bind(connection.channel()).declare()
     found = checks(tmp_path, f"rabbit://guest:guest@127.0.0.1:5672/{vhost}")
     check = found["glance queue"]
     assert check.status == FAIL and "PRECONDITION_FAILED" in check.detail
-    assert "other flags than notification_durable = false" in check.detail
-    assert "amqp_durable_queues" in check.fix
+    assert "other arguments than [oslo_messaging_rabbit] amqp_durable_queues" in check.detail
+    assert "Glance's own amqp_durable_queues" in check.fix
     # Still there, still durable: doctor's declaration changed nothing.
     found = checks(tmp_path, f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
-                   notification_durable="true")
+                   rabbit={"amqp_durable_queues": "true"})
     assert found["glance queue"].status == PASS
-    assert "exists (durable, as notification_durable says)" in found["glance queue"].detail
+    assert "exists (durable, as [oslo_messaging_rabbit] says)" in found["glance queue"].detail
 
 
 def test_a_quorum_queue_declared_by_glance_is_named_as_such(tmp_path, vhost):
@@ -86,7 +87,12 @@ def test_a_quorum_queue_declared_by_glance_is_named_as_such(tmp_path, vhost):
                     queue_arguments={"x-queue-type": "quorum"}).bind(
                         connection.channel()).declare()
     found = checks(tmp_path, f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
-                   notification_durable="true")
+                   rabbit={"amqp_durable_queues": "true"})
     check = found["glance queue"]
     assert check.status == FAIL and "x-queue-type" in check.detail
-    assert "rabbit_quorum_queue" in check.fix
+    assert "other arguments than [oslo_messaging_rabbit] rabbit_quorum_queue" in check.detail
+    assert "Glance's own rabbit_quorum_queue" in check.fix
+    found = checks(tmp_path, f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
+                   rabbit={"rabbit_quorum_queue": "true"})
+    assert found["glance queue"].status == PASS
+    assert "exists (quorum, as [oslo_messaging_rabbit] says)" in found["glance queue"].detail

@@ -29,7 +29,7 @@ from glance_image_sync.sync.apply import ImageSync
 IMAGES = 4
 # As the cluster's nodes declare them (tools/localcluster.py: retry_delays = 1,2).
 TOPOLOGY = TopologySettings(exchange="glance", topic="glance_notifications", durable=False,
-                            queue_type="classic", retry_delays=(1, 2))
+                            quorum=False, retry_delays=(1, 2))
 PRESENT_TYPES = ["image.upload", "image.activate", "image.update"]
 
 
@@ -124,7 +124,7 @@ def test_random_histories_on_the_real_cluster_end_as_the_model(cluster, history)
     images = [cluster.new_image("node1", size=64 * 1024 + index) for index in range(IMAGES)]
     with kombu.Connection(cluster.kombu_url) as connection:
         producer = connection.Producer()
-        topology.declare_own_queues(connection.default_channel, ["node2"], TOPOLOGY)
+        topology.declare_own_queues(connection, ["node2"], TOPOLOGY)
         for index, event_type in deliveries:
             producer.publish(event_for(images[index], event_type).to_wire(), exchange="",
                              routing_key=topology.node_queue_name("node2"),

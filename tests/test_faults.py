@@ -246,19 +246,22 @@ def test_a_transfer_longer_than_consumer_timeout_is_neither_lost_nor_restarted(
     assert all(depths[topology.node_queue_name(n.name)] == 0 for n in cluster.nodes)
 
 
+@pytest.mark.cluster_setup(rabbit_options={"rabbit_quorum_queue": True})
 def test_quorum_queues_when_configured(cluster):
-    for node in cluster.nodes:
-        config = node.config.read_text()
-        node.config.write_text(config + "queue_type = quorum\n")
+    """rabbit_quorum_queue on both sides: Glance's notifier and every node."""
+    assert "rabbit_quorum_queue = true" in cluster["node1"].config.read_text()
     image_id, md5, size = cluster.new_image("node1", size=MiB)
-    cluster.upload(image_id, md5, size)
+    cluster.upload(image_id, md5, size)  # Glance's notifier declares its queue first
     for node in cluster.nodes:
         assert node.run("both").returncode == 0
     assert_converges(cluster, {image_id: md5}, timeout=10)
     out = rabbitmqctl("list_queues", "-p", cluster.vhost, "name", "type", "durable").stdout
-    types = {line.split()[0]: line.split()[1:] for line in out.splitlines()
-             if line.startswith(topology.PREFIX)}
-    assert types and all(kind == ["quorum", "true"] for kind in types.values()), types
+    types = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    ours = {name: kind for name, kind in types.items() if name.startswith(topology.PREFIX)}
+    assert ours and all(kind == ["quorum", "true"] for kind in ours.values()), types
+    assert types["glance_notifications.info"] == ["quorum", "true"]
+    for node in cluster.nodes:
+        assert "exists with other arguments" not in node.log.read_text()
 
 
 def test_a_node_catching_up_shares_sessions_and_one_missing_file_fails_only_its_image(cluster):

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from glance_image_sync.broker import loop as loop_module
-from glance_image_sync.broker.loop import Backoff, ConnectionLoop, describe
+from glance_image_sync.broker.connection import describe
+from glance_image_sync.broker.loop import Backoff, ConnectionLoop
 from glance_image_sync.exceptions import BrokerUnavailable, Reconnect
 from tools.localcluster import wait_for
 
@@ -27,6 +28,7 @@ class Connection:
         self.on_message = on_message
         self.heartbeats = 0
         self.released = False
+        self.connected = True
 
     def drain_events(self, timeout):
         self.connection.sock.settimeout(timeout)
@@ -76,6 +78,9 @@ class Component:
     def flush(self):
         self.turns += 1
 
+    def on_unblocked(self):
+        self.unblocked = getattr(self, "unblocked", 0) + 1
+
 
 @pytest.fixture
 def connections(monkeypatch):
@@ -83,13 +88,16 @@ def connections(monkeypatch):
     made = []
     state = SimpleNamespace(refuse=0, component=None, made=made)
 
-    def connect(broker):
+    def connect(broker, first=0, on_attempt=None, **callbacks):
+        on_attempt()
+        state.callbacks = callbacks
         if state.refuse:
             state.refuse -= 1
-            raise ConnectionRefusedError(111, "Connection refused")
+            raise BrokerUnavailable(f"{broker.redacted()}: ConnectionRefusedError: "
+                                    "[Errno 111] Connection refused")
         connection = Connection(lambda byte: state.component.received.append(byte))
         made.append(connection)
-        return connection
+        return connection, 0
 
     monkeypatch.setattr(loop_module.broker, "connect", connect)
     monkeypatch.setattr(loop_module, "Backoff", lambda: Backoff(first=0.01, cap=0.02))
@@ -232,6 +240,23 @@ def test_a_one_shot_run_gives_up_on_an_unreachable_broker_with_its_name_but_no_p
     loop.close()
     assert "amqp://u:****@h1:5672/" in str(raised.value)
     assert "secret" not in str(raised.value) and "Connection refused" in str(raised.value)
+
+
+def test_the_brokers_blocked_and_unblocked_are_recorded_and_the_component_told(connections):
+    component = connections.component = Component()
+    loop = ConnectionLoop("test", component, BROKER)
+    thread = running(loop)
+    changes = []
+    loop.on_change = lambda: changes.append(loop.blocked)
+    assert loop.broker_url == "amqp://u:****@h1:5672/"
+    # py-amqp calls these inside its dispatch: on the loop's thread.
+    loop.call_soon(lambda: connections.callbacks["on_blocked"]("low on memory"))
+    wait_for(lambda: loop.blocked is not None, 5, what="blocked")
+    assert loop.blocked[1] == "low on memory" and changes[0] is not None
+    loop.call_soon(connections.callbacks["on_unblocked"])
+    wait_for(lambda: getattr(component, "unblocked", 0) == 1, 5, what="the component told")
+    assert loop.blocked is None and changes[-1] is None
+    stop(loop, thread)
 
 
 def test_a_wake_up_after_close_is_harmless():

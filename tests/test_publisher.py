@@ -117,3 +117,70 @@ def test_confirmed_publishes_arrive_intact_and_are_settled_after_the_dispatch(vh
     assert message.headers == headers
     assert message.properties["delivery_mode"] == 2
     assert message.properties["expiration"] == "60000"
+
+
+class _Channel:
+    """py-amqp's channel as the publisher uses it: confirm mode, hooks, basic_publish."""
+
+    def __init__(self):
+        self.events = collections.defaultdict(set)
+        self.published = []
+
+    def confirm_select(self):
+        pass
+
+    def basic_publish(self, message, exchange, routing_key, mandatory):
+        self.published.append((routing_key, message.body))
+
+
+def _publisher(blocked):
+    channel = _Channel()
+    deferred = []
+    connection = type("Connection", (), {"channel": lambda self: channel})()
+    publisher = ConfirmingPublisher(connection, defer=deferred.append,
+                                    blocked=lambda: blocked[0])
+    return publisher, channel, deferred
+
+
+def test_while_the_broker_blocks_publishes_are_held_in_order_then_sent_on_resume():
+    blocked = [False]
+    publisher, channel, _ = _publisher(blocked)
+    publisher.publish(b"1", "q", on_done=lambda ok, why: None)
+    blocked[0] = True
+    for body in (b"2", b"3"):
+        publisher.publish(body, "q", on_done=lambda ok, why: None)
+    assert [body for _, body in channel.published] == [b"1"]
+    assert publisher.pending == 3  # one unconfirmed, two held: not drained
+    publisher.resume()  # still blocked: nothing goes
+    assert len(channel.published) == 1
+    blocked[0] = False
+    publisher.resume()
+    assert [body for _, body in channel.published] == [b"1", b"2", b"3"]
+    publisher.publish(b"4", "q", on_done=lambda ok, why: None)
+    publisher.discard()  # nothing held: nothing to forget
+    assert len(channel.published) == 4
+
+
+def test_unconfirmed_bytes_are_bounded_and_a_confirm_sends_on_after_the_dispatch():
+    from glance_image_sync.broker.publisher import MAX_UNCONFIRMED_BYTES
+
+    publisher, channel, deferred = _publisher([False])
+    big = b"x" * (MAX_UNCONFIRMED_BYTES // 2)
+    for _ in range(4):
+        publisher.publish(big, "q", on_done=lambda ok, why: None)
+    assert len(channel.published) == 2 and publisher.pending == 4
+    publisher._on_ack(1, False)  # py-amqp's hook, inside its dispatch: sends nothing
+    assert len(channel.published) == 2
+    for fn in deferred:  # once the dispatch returned
+        fn()
+    assert len(channel.published) == 3
+    publisher.discard()  # the connection is gone: the held one is forgotten
+    assert publisher.pending == 2
+
+
+def test_one_message_beyond_the_window_still_goes_when_nothing_else_is_in_flight():
+    from glance_image_sync.broker.publisher import MAX_UNCONFIRMED_BYTES
+
+    publisher, channel, _ = _publisher([False])
+    publisher.publish(b"y" * (2 * MAX_UNCONFIRMED_BYTES), "q", on_done=lambda ok, why: None)
+    assert len(channel.published) == 1

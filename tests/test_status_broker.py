@@ -36,8 +36,7 @@ def node1(vhost, tmp_path):
                                cli.COMMAND_OPT)
     with kombu.Connection(url(vhost)) as connection:
         topology.declare_notification_queue(connection, settings.topology)
-        with connection.channel() as channel:
-            topology.declare_own_queues(channel, NODES, settings.topology)
+        topology.declare_own_queues(connection, NODES, settings.topology)
     return path
 
 
@@ -71,7 +70,7 @@ def test_status_shows_every_queue_as_the_broker_holds_it_and_names_the_problems(
     assert code == 1
     doc = json.loads(out)
     assert doc["broker"] == {"url": f"amqp://guest:****@127.0.0.1:5672/{vhost}",
-                             "reachable": True, "error": None}
+                             "reachable": True, "error": None, "blocked": None}
     got = {n["node"]: (n["this"], n["queue"]["messages"], n["queue"]["consumers"],
                        n["retrying"], n["failed"]["messages"]) for n in doc["nodes"]}
     assert got == {"node1": (True, 2, 0, 2, 0), "node2": (False, 0, 0, 0, 1),

@@ -1,5 +1,6 @@
 """The supervisor's decisions, with stand-in loops and notifier: READY once both
-consume, WATCHDOG only while both make progress, STATUS in words, SIGHUP."""
+loops run (the broker may come later), WATCHDOG only while both make progress,
+STATUS in words, SIGHUP, refused credentials."""
 
 import threading
 import time
@@ -41,7 +42,10 @@ class Loop:
     def __init__(self, name):
         self.name = name
         self.connected = False
+        self.connecting = False
         self.outage = None
+        self.blocked = None
+        self.broker_url = None
         self.last_progress = time.monotonic()
         self.calls = []
         self.component = SimpleNamespace(
@@ -70,18 +74,22 @@ def supervisor(tmp_path):
 WATCHDOG = 0.1  # seconds between pings, as watchdog_interval() would say
 
 
-def test_ready_only_once_both_consume_and_the_watchdog_only_after_ready(supervisor):
+def test_ready_at_once_the_broker_may_come_later_and_the_watchdog_only_after_ready(
+        supervisor, caplog):
+    """No start-up timeout and restart loop under systemd while the broker is away."""
     fanout, sync = supervisor.loops
     sent = supervisor.notifier.sent
     fanout.connected = True
     supervisor._tick(WATCHDOG)
-    assert sent == [f"STATUS={supervisor.status_text()}"]
-    assert supervisor.status_text().startswith("fan-out consuming; sync connecting")
+    assert sent[:3] == [f"STATUS={supervisor.status_text()}", "READY=1", "WATCHDOG=1"]
+    assert supervisor.status_text().startswith(
+        "fan-out consuming; sync connecting to amqp://guest:****@127.0.0.1:5672/")
+    assert "ready: consuming" not in caplog.text
     sync.connected = True
     supervisor._tick(WATCHDOG)
     supervisor._tick(WATCHDOG)
-    assert sent.count("READY=1") == 1 and sent.count("WATCHDOG=1") == 2
-    assert sent.index("READY=1") < sent.index("WATCHDOG=1")
+    assert sent.count("READY=1") == 1 and sent.count("WATCHDOG=1") == 3
+    assert caplog.text.count("ready: consuming on node1") == 1
 
 
 def test_without_a_watchdog_configured_nothing_is_pinged(supervisor):
@@ -122,12 +130,39 @@ def test_status_says_what_each_loop_does_and_how_syncing_goes(supervisor):
     sync.component.failed_attempts = 1
     sync.component.last_error = (time.time(), IMAGE, "node2: timeout")
     text = supervisor.status_text()
-    assert text.startswith("fan-out consuming; sync disconnected since ")
+    assert text.startswith("fan-out consuming; sync waiting for the broker since ")
     assert "Connection refused" in text and "2 transfers running" in text
     assert "last sync " in text and f"({IMAGE})" in text
     assert "1 failed attempts, last " in text and "node2: timeout" in text
     sync.outage = None
-    assert "sync connecting" in supervisor.status_text()
+    assert "sync connecting to amqp://guest:****@127.0.0.1:5672/" in supervisor.status_text()
+    fanout.blocked, fanout.broker_url = (time.time(), "low on memory"), "amqp://b1:5672/"
+    assert supervisor.status_text().startswith(
+        "fan-out consuming, broker blocked since ")
+    assert "(amqp://b1:5672/: a memory or disk alarm)" in supervisor.status_text()
+
+
+def test_trying_a_broker_may_take_longer_than_a_turn_of_the_loop(supervisor):
+    fanout, _ = supervisor.loops
+    fanout.last_progress -= supervisor.settings.broker.heartbeat / 4 + 10
+    assert supervisor._stuck_for(fanout)
+    fanout.connecting = True  # TCP, TLS and AMQP's handshake: up to 15 s
+    assert not supervisor._stuck_for(fanout)
+
+
+def test_refused_credentials_stop_the_daemon_with_exit_78_and_one_line(supervisor, caplog):
+    from glance_image_sync.exceptions import BrokerRefused
+
+    def refused():
+        raise BrokerRefused("amqp://guest:****@127.0.0.1:5672/ refused the credentials")
+
+    for loop in supervisor.loops:
+        loop.run = refused
+    for loop in supervisor.loops:  # both loops meet it
+        supervisor._run_loop(loop)
+    assert supervisor._exit_status == 78 and supervisor.stop_event.is_set()
+    assert caplog.text.count("refused the credentials") == 1
+    assert supervisor.notifier.sent.count("STOPPING=1") == 1
 
 
 def test_sighup_gives_both_loops_the_new_api_nodes(supervisor):

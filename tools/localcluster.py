@@ -189,6 +189,7 @@ class Node:
     # -- glance-image-sync -------------------------------------------------
 
     def write_config(self, extra: dict):
+        """[DEFAULT] options, with ``extra``; the cluster's [oslo_messaging_rabbit] ones."""
         options = {
             "api_nodes": ",".join(n.name for n in self.cluster.nodes),
             "host": self.name,
@@ -201,8 +202,12 @@ class Node:
             "log_file": str(self.log),
             **extra,
         }
+        rabbit = self.cluster.rabbit_options
+        # [DEFAULT] last: a test that appends an option appends it there.
         self.config.write_text(
-            "[DEFAULT]\n" + "".join(f"{key} = {value}\n" for key, value in options.items()))
+            "[oslo_messaging_rabbit]\n"
+            + "".join(f"{key} = {str(value).lower()}\n" for key, value in rabbit.items())
+            + "[DEFAULT]\n" + "".join(f"{key} = {value}\n" for key, value in options.items()))
 
     def argv(self, *args) -> list:
         return self.command([*self.cluster.program, "--config-file", str(self.config), *args])
@@ -285,15 +290,21 @@ class LocalCluster:
 
     ``restricted_key`` True puts RRSYNC_KEY_OPTIONS before the key in
     ``authorized_keys``; a string puts those options instead.
+    ``rabbit_options``: [oslo_messaging_rabbit] options of Glance's side and of
+    every node alike. ``brokers``: a tools.rabbitnodes.RabbitNodes to use
+    instead of the shared broker (every node of it in transport_url).
     """
 
     def __init__(self, size=3, base=None, extra_config=None, durable=False, store_sizes=None,
-                 subnet=None, restricted_key=False):
+                 subnet=None, restricted_key=False, rabbit_options=None, brokers=None):
         self.base = pathlib.Path(base or tempfile.mkdtemp(prefix="gis-cluster-"))
         self.vhost = f"gis-{uuid.uuid4().hex[:12]}"
         # All of 127/8 is loopback: a /24 of its own per cluster.
         self.subnet = subnet or f"127.{random.randrange(1, 255)}.{random.randrange(0, 256)}"
-        self.transport_url = f"rabbit://guest:guest@{BROKER}/{self.vhost}"
+        self.brokers = brokers
+        self.rabbitmqctl = brokers.ctl if brokers else rabbitmqctl
+        self.transport_url = (brokers.url(vhost=self.vhost) if brokers
+                              else f"rabbit://guest:guest@{BROKER}/{self.vhost}")
         self.nodes = [Node(self, index) for index in range(1, size + 1)]
         self.authorized_keys = self.base / "authorized_keys"
         self.ssh_config = self.base / "ssh_config"
@@ -301,9 +312,7 @@ class LocalCluster:
         self.extra_config = dict(extra_config or {})
         # Glance's amqp_durable_queues: its notification queue survives a
         # broker restart (the only way its notifications do).
-        self.durable = durable
-        if durable:
-            self.extra_config.setdefault("notification_durable", "true")
+        self.rabbit_options = {"amqp_durable_queues": durable, **(rabbit_options or {})}
         self.store_sizes = dict(store_sizes or {})
         self.restricted_key = restricted_key
         script = pathlib.Path(sys.executable).with_name("glance-image-sync")
@@ -325,8 +334,8 @@ class LocalCluster:
             if not shutil.which(program):
                 raise RuntimeError(f"{program} is not installed (see .ci/install)")
         os.makedirs(DATADIR, exist_ok=True)
-        rabbitmqctl("add_vhost", self.vhost)
-        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        self.rabbitmqctl("add_vhost", self.vhost)
+        self.rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(self.client_key)], check=True)
         self.authorize(RRSYNC_KEY_OPTIONS if self.restricted_key is True
@@ -362,7 +371,7 @@ class LocalCluster:
         for notifier in self._notifiers.values():
             with contextlib.suppress(Exception):
                 notifier.transport.cleanup()
-        if broker_running():
+        if self.brokers is None and broker_running():
             rabbitmqctl("delete_vhost", self.vhost, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
 
@@ -421,8 +430,8 @@ class LocalCluster:
             oslo_messaging.set_transport_defaults("glance")
             transport = oslo_messaging.get_notification_transport(conf,
                                                                   url=self.transport_url)
-            conf.set_override("amqp_durable_queues", self.durable,
-                              group="oslo_messaging_rabbit")
+            for name, value in self.rabbit_options.items():
+                conf.set_override(name, value, group="oslo_messaging_rabbit")
             self._notifiers[publisher] = oslo_messaging.Notifier(
                 transport, publisher_id=f"image.{publisher}", driver="messagingv2",
                 topics=["notifications", "glance_notifications"])
@@ -461,7 +470,7 @@ class LocalCluster:
         return f"amqp://guest:guest@{BROKER}/{self.vhost}"
 
     def queue_depths(self) -> dict:
-        out = rabbitmqctl("list_queues", "-p", self.vhost, "name", "messages").stdout
+        out = self.rabbitmqctl("list_queues", "-p", self.vhost, "name", "messages").stdout
         depths = {}
         for line in out.splitlines():
             parts = line.split()

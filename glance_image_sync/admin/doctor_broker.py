@@ -1,12 +1,14 @@
 """doctor's checks of the broker and of Glance's notification queue.
 
 * each broker of ``transport_url``: a connection with these credentials (the
-  password never shown);
+  password never shown), over TLS with [oslo_messaging_rabbit] ssl: a
+  certificate, CA or host name that does not fit fails here, with the reason;
 * Glance's queue, ``<notification_topic>.info``: it exists (a passive
-  declaration), and with the flags the fan-out would give it. For that it is
-  declared again, with ``notification_durable``, only once it was found: the
-  same flags change nothing, other ones make RabbitMQ answer 406 and change
-  nothing either;
+  declaration), and with the arguments oslo.messaging's notifier gives it for
+  the [oslo_messaging_rabbit] settings. For that it is declared again as the
+  fan-out declares it, only once it was found: the same arguments change
+  nothing, other ones make RabbitMQ answer 406 and change nothing either (the
+  setting that differs is named);
 * evidence that Glance publishes there. RabbitMQ counts what a queue received
   only in its management API, not over AMQP, so doctor says what it can see:
   notifications waiting in the queue, events waiting in a node's queues, or
@@ -24,7 +26,7 @@ from glance_image_sync.admin.tables import iso, plural
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.broker import queues as queuestats
 from glance_image_sync.broker import topology
-from glance_image_sync.exceptions import BrokerUnavailable, NodeStateError
+from glance_image_sync.exceptions import BrokerRefused, BrokerUnavailable, NodeStateError
 from glance_image_sync.settings import redact_url
 from glance_image_sync.state import nodestate
 from glance_image_sync.state.records import RECORDS_DIR
@@ -32,8 +34,6 @@ from glance_image_sync.state.records import RECORDS_DIR
 
 def checks(settings) -> list:
     found = [connection_check(settings.broker, url) for url in settings.broker.urls]
-    # A TLS check (certificate, CA, host name of [oslo_messaging_rabbit] ssl)
-    # belongs here, beside each connection's, once the tool speaks TLS.
     if not any(check.status == "PASS" for check in found):
         return found + [skipped("glance queue", "no broker answered"),
                         skipped("glance publishes", "no broker answered")]
@@ -53,24 +53,30 @@ def connection_check(broker, url: str):
     parsed = urllib.parse.urlsplit(url)
     user, vhost = parsed.username or "guest", parsed.path[1:] or "/"
     try:
-        with brokers.connect(dataclasses.replace(broker, urls=(url,))) as connection:
+        with brokers.connected(dataclasses.replace(broker, urls=(url,))) as connection:
             server = connection.connection.server_properties
             version = f"{server.get('product', 'AMQP')} {server.get('version', '')}".strip()
-    except brokers.ERRORS as exc:
-        code = getattr(exc, "code", None)
+    except BrokerRefused as exc:
+        return failed(name, str(exc),
+                      f"correct user {user!r} or its password in transport_url ('rabbitmqctl "
+                      f"authenticate_user {user} PASSWORD' checks one; RabbitMQ's guest logs "
+                      "in from localhost only)")
+    except (BrokerUnavailable, *brokers.ERRORS) as exc:
         reason = str(exc) or type(exc).__name__
-        if code == 403:
-            fix = (f"correct user {user!r} or its password in transport_url ('rabbitmqctl "
-                   f"authenticate_user {user} PASSWORD' checks one; RabbitMQ's guest logs "
-                   "in from localhost only)")
-        elif code == 530:
+        if "(530)" in reason:
             fix = (f"create virtual host {vhost!r} or let {user!r} use it: rabbitmqctl "
                    f"set_permissions -p {vhost} {user} '.*' '.*' '.*'")
+        elif "SSL" in reason:
+            fix = ("check [oslo_messaging_rabbit] ssl_ca_file (the CA that signed the "
+                   "broker's certificate), that the certificate names the host of "
+                   "transport_url and is in date, and ssl_cert_file/ssl_key_file if the "
+                   "broker asks for a client certificate")
         else:
             fix = (f"start RabbitMQ on {parsed.hostname}:{parsed.port or 5672}, or correct "
                    "the host and port in transport_url (and let this node reach them)")
-        return failed(name, f"{shown}: {reason}", fix)
-    return passed(name, f"{shown}: logged in as {user} ({version})")
+        return failed(name, reason if reason.startswith(shown) else f"{shown}: {reason}", fix)
+    tls = " over TLS" if broker.tls else ""
+    return passed(name, f"{shown}: logged in as {user}{tls} ({version})")
 
 
 def queue_check(settings, stats):
@@ -82,29 +88,25 @@ def queue_check(settings, stats):
                       "glance-api.conf on every node (README: Setting up Glance) and restart "
                       "glance-api: it declares the queue with its first notification, and "
                       "so does the daemon's fan-out when it starts")
-    queue = topology.notification_queue(topo)
     try:
-        with brokers.connect(settings.broker) as connection, connection.channel() as channel:
-            queue.bind(channel).queue_declare()
-    except brokers.ERRORS as exc:
-        if getattr(exc, "code", None) != 406:
-            return failed(name, f"{stats.name}: {exc}", "run doctor again")
-        if "x-queue-type" in str(exc):
-            # Glance's rabbit_quorum_queue (Kolla-Ansible sets it): were the queue
-            # ever declared by the fan-out instead, Glance's publishes would fail.
-            return failed(name, f"{stats.name} is of another type than glance-image-sync "
-                          f"declares ({exc})",
-                          "give glance-image-sync Glance's [oslo_messaging_rabbit] "
-                          "rabbit_quorum_queue, and notification_durable = true, so that it "
-                          "declares the queue as Glance does")
-        return failed(name, f"{stats.name} exists with other flags than "
-                      f"notification_durable = {str(topo.durable).lower()} says ({exc})",
-                      "set notification_durable to Glance's [oslo_messaging_rabbit] "
-                      "amqp_durable_queues; if the queue itself is wrong, delete it once "
-                      "it is empty (rabbitmqctl delete_queue) and let Glance declare it again")
-    return passed(name, f"{stats.name} exists ({'durable' if topo.durable else 'not durable'}"
-                  f", as notification_durable says): {plural(stats.messages, 'message')} "
-                  f"waiting, {plural(stats.consumers, 'consumer')}")
+        with brokers.connected(settings.broker) as connection, \
+                topology.Declarer(connection) as declarer:
+            topology.check_notification_queue(declarer, topo)
+    except (BrokerUnavailable, *brokers.ERRORS) as exc:
+        return failed(name, f"{stats.name}: {brokers.describe(exc)}", "run doctor again")
+    if declarer.mismatches:
+        mismatch = declarer.mismatches[0]
+        return failed(name, f"{stats.name} exists with other arguments than "
+                      f"[oslo_messaging_rabbit] {mismatch.setting} gives it "
+                      f"({mismatch.detail})",
+                      f"give glance-image-sync Glance's own {mismatch.setting}: pass Glance's "
+                      "glance-api.conf as the first --config-file (README: RabbitMQ as "
+                      "clouds run it); if the queue itself is wrong, delete it once it is "
+                      "empty (rabbitmqctl delete_queue) and let Glance declare it again")
+    kind = "quorum" if topo.quorum else "durable" if topo.durable else "not durable"
+    return passed(name, f"{stats.name} exists ({kind}, as [oslo_messaging_rabbit] says): "
+                  f"{plural(stats.messages, 'message')} waiting, "
+                  f"{plural(stats.consumers, 'consumer')}")
 
 
 def publishing_check(settings, overview):

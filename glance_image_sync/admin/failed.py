@@ -25,7 +25,7 @@ from glance_image_sync.admin import parked
 from glance_image_sync.admin.tables import plural
 from glance_image_sync.broker import confirmed, topology
 from glance_image_sync.broker import connection as broker
-from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK
+from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, BrokerUnavailable
 from glance_image_sync.sync.worker import ATTEMPT_HEADER
 
 REPLAYED_HEADER = "x-gis-replayed"
@@ -141,7 +141,7 @@ def main(args, settings, out=None) -> int:
         return not ids or item.image_id in ids
 
     try:
-        with broker.connect(settings.broker) as connection:
+        with broker.connected(settings.broker) as connection:
             if not parked.exists(connection, queue):
                 out.write(f"no {words}s: {queue} does not exist yet (no fan-out has run "
                           f"since api_nodes named {node})\n" if not args.dead_letter
@@ -157,8 +157,11 @@ def main(args, settings, out=None) -> int:
                 return EXIT_OK
             result = move(connection, queue, nodes, choose,
                           lambda m: replay_target(m, queue, node, nodes, settings.topology))
-    except broker.ERRORS as exc:
+    except BrokerUnavailable as exc:
         print(f"glance-image-sync: cannot reach the broker: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except broker.ERRORS as exc:
+        print(f"glance-image-sync: the broker failed: {broker.describe(exc)}", file=sys.stderr)
         return EXIT_FAILED
     return _report(out, result, queue, words)
 

@@ -49,7 +49,7 @@ def main(args, settings, out=None) -> int:
         return EXIT_FAILED
     deleted = []
     try:
-        with broker.connect(settings.broker) as connection:
+        with broker.connected(settings.broker) as connection:
             for name in names:
                 if not found[name].exists:
                     continue
@@ -58,8 +58,8 @@ def main(args, settings, out=None) -> int:
                 dropped = channel.queue_delete(queue=name, if_unused=True)
                 channel.close()
                 deleted.append(f"{name} ({plural(dropped or 0, 'message')})")
-    except broker.ERRORS as exc:
-        out.write(f"stopped by the broker: {exc}\n")
+    except (BrokerUnavailable, *broker.ERRORS) as exc:
+        out.write(f"stopped by the broker: {broker.describe(exc)}\n")
         if deleted:
             out.write(f"deleted before that: {', '.join(deleted)}\n")
         return EXIT_FAILED

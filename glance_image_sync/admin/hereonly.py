@@ -26,7 +26,7 @@ from oslo_log import log as logging
 from glance_image_sync.broker import confirmed, topology
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.events import Action, ImageEvent
-from glance_image_sync.exceptions import StoreError
+from glance_image_sync.exceptions import BrokerUnavailable, StoreError
 
 LOG = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ EVENT_TYPE = "reconcile"
 
 
 class HereOnly:
-    def __init__(self, settings, store, tombstones, api, connect=brokers.connect):
+    def __init__(self, settings, store, tombstones, api, connect=brokers.connected):
         self.settings = settings
         self.nodes = settings.nodes
         self.store = store
@@ -102,7 +102,7 @@ class HereOnly:
         try:
             results = self._publish([(topology.node_queue_name(peer), body) for peer in peers],
                                     peers)
-        except brokers.ERRORS as exc:
+        except (BrokerUnavailable, *brokers.ERRORS) as exc:
             finding.action = f"not copied: the broker: {brokers_reason(exc)}"
             return
         queued = [peer for peer in peers if results.get(topology.node_queue_name(peer),
@@ -122,13 +122,9 @@ class HereOnly:
 
     def _publish(self, messages, peers) -> dict:
         with self.connect(self.settings.broker) as connection:
-            channel = connection.channel()
-            try:
-                # As the fan-out does: a peer whose queue was never declared still
-                # gets its copy.
-                topology.declare_own_queues(channel, peers, self.settings.topology)
-            finally:
-                channel.close()
+            # As the fan-out does: a peer whose queue was never declared still
+            # gets its copy (one that exists otherwise is used as it is).
+            topology.declare_own_queues(connection, peers, self.settings.topology)
             return confirmed.publish_all(connection, messages)
 
 

@@ -31,7 +31,12 @@ from glance_image_sync.admin.checks import describe
 from glance_image_sync.admin.tables import iso, size_text, when
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.broker import topology
-from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, NodeStateError
+from glance_image_sync.exceptions import (
+    EXIT_FAILED,
+    EXIT_OK,
+    BrokerUnavailable,
+    NodeStateError,
+)
 from glance_image_sync.state import records
 from glance_image_sync.state.tombstones import TOMBSTONES_DIR
 from glance_image_sync.store import checksum
@@ -79,7 +84,7 @@ def in_queues(settings, image_id: str) -> dict:
     names = [q.name for q in topology.node_queues(node, settings.topology)[1:]]
     found = {"retrying": [], "failed": [], "error": None}
     try:
-        with brokers.connect(settings.broker) as connection:
+        with brokers.connected(settings.broker) as connection:
             for name in names:
                 try:
                     messages = parked.browse(connection, name, settings.nodes)
@@ -95,8 +100,10 @@ def in_queues(settings, image_id: str) -> dict:
                                             "event_type": message.event_type,
                                             "attempts": message.attempts,
                                             "error": message.error})
+    except BrokerUnavailable as exc:
+        found["error"] = str(exc)
     except brokers.ERRORS as exc:
-        found["error"] = f"{settings.broker.redacted()}: {exc}"
+        found["error"] = f"{settings.broker.redacted()}: {brokers.describe(exc)}"
     return found
 
 

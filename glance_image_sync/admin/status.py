@@ -8,6 +8,9 @@ nor the store is touched, so it works beside a running daemon.
 It says what needs a human, and exits 1 when anything does:
 
 * the broker cannot be reached;
+* the broker blocks publishers (a memory or disk alarm: "broker blocked");
+* Glance's notification queue, or one of this node's queues, exists with
+  other arguments than the settings give it (say which setting differs);
 * a node's failed queue holds events (they ran out of attempts);
 * the dead-letter queue holds messages (rejected as malformed or hostile);
 * this node's queue does not exist, or holds events with no consumer;
@@ -49,7 +52,8 @@ class Report:
 
 def gather(settings, now=None) -> Report:
     try:
-        overview = queuestats.overview(settings, knownnodes.load(settings.store.state_dir))
+        overview = queuestats.overview(settings, knownnodes.load(settings.store.state_dir),
+                                       check=True)
         broker_error = None
     except BrokerUnavailable as exc:
         overview, broker_error = None, str(exc)
@@ -71,6 +75,11 @@ def problems(report: Report) -> list:
         found.append(f"the broker cannot be reached: {report.broker_error}")
     overview = report.overview
     if overview is not None:
+        if overview.blocked:
+            found.append(f"broker blocked: the broker blocks publishers ({overview.blocked}); "
+                         "a memory or disk alarm (rabbitmqctl status on each broker node "
+                         "shows it), and events wait until it clears")
+        found += [str(mismatch) for mismatch in overview.mismatches]
         for node in overview.nodes:
             if node.failed.messages:
                 found.append(f"{plural(node.failed.messages, 'event')} of {node.node} ran "
@@ -167,7 +176,8 @@ def render_json(report: Report) -> str:
     doc = {
         "node": report.node,
         "broker": {"url": report.broker, "reachable": overview is not None,
-                   "error": report.broker_error},
+                   "error": report.broker_error,
+                   "blocked": overview.blocked if overview else None},
         "notifications": _queue(overview.notifications) if overview else None,
         "nodes": [{
             "node": node.node,

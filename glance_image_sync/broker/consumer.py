@@ -95,6 +95,7 @@ class QueueConsumer:
         self.in_flight = 0
         self.handled = 0
         self.rejected = 0
+        self.mismatches = {}  # queue or exchange name -> the Mismatch found declaring it
 
     # -- to be provided by subclasses -------------------------------------
 
@@ -114,13 +115,16 @@ class QueueConsumer:
         self.channel = broker.raw_channel(connection)
         self.acks = AckBatch(self.channel)
         self.queue = self.declare(connection, self.channel).bind(self.channel)
-        self.publisher = ConfirmingPublisher(connection, defer=loop.call_soon)
+        self.publisher = ConfirmingPublisher(connection, defer=loop.call_soon,
+                                             blocked=lambda: loop.blocked is not None)
         self.channel.basic_qos(prefetch_size=0, prefetch_count=self.prefetch, a_global=False)
         Consumer(self.channel, queues=[self.queue], on_message=self._on_message,
                  auto_declare=False, no_ack=False).consume()
         LOG.info("%s: consuming %s", self.name, self.queue.name)
 
     def connection_lost(self) -> None:
+        if self.publisher is not None:
+            self.publisher.discard()
         self.channel = self.publisher = self.acks = None
         self.in_flight = 0
 
@@ -131,6 +135,11 @@ class QueueConsumer:
 
     def next_deadline(self):
         return None
+
+    def on_unblocked(self) -> None:
+        """The broker takes publishes again: send those held meanwhile."""
+        if self.publisher is not None:
+            self.publisher.resume()
 
     def on_timer(self) -> None:
         pass
@@ -147,6 +156,13 @@ class QueueConsumer:
     def set_nodes(self, nodes) -> None:
         """Take a reloaded api_nodes (on the connection thread)."""
         self.nodes = nodes
+
+    def report(self, mismatches) -> None:
+        """Log each queue declared with other arguments once: it is used as it is."""
+        for mismatch in mismatches:
+            if mismatch.name not in self.mismatches:
+                LOG.error("%s: %s", self.name, mismatch)
+            self.mismatches[mismatch.name] = mismatch
 
     # -- helpers -----------------------------------------------------------
 

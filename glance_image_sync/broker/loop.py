@@ -34,7 +34,21 @@ A component is an object with:
 ``next_deadline()``
     the monotonic time it next wants ``on_timer()`` called, or None;
 ``flush()``
-    the end of a turn of the loop (to send what it batched).
+    the end of a turn of the loop (to send what it batched);
+``on_unblocked()``
+    the broker takes publishes again (see below).
+
+Several brokers (a cluster's nodes) are tried in turn, starting after the one
+whose connection was lost, and every line about a failed or lost connection
+names the broker (password hidden). A broker that refuses the credentials
+raises ``BrokerRefused`` out of ``run``: retrying cannot cure it.
+
+RabbitMQ blocks a publishing connection while a memory or disk alarm lasts:
+it stops reading it. The loop records py-amqp's connection.blocked and
+connection.unblocked notifications (``blocked``), publishers hold what they
+would send meanwhile, and a write that makes no progress still fails within
+``connection.WRITE_TIMEOUT`` and reconnects: the loop's thread never waits on
+the broker for ever, and goes on serving heartbeats and timers.
 
 A component that finds the topology broken under it (a queue deleted while it
 runs) raises ``Reconnect``: the loop then reconnects, which declares it again.
@@ -54,6 +68,7 @@ from oslo_log import log as logging
 
 from glance_image_sync.broker import connection as broker
 from glance_image_sync.exceptions import BrokerUnavailable, Reconnect
+from glance_image_sync.settings import redact_url
 
 LOG = logging.getLogger(__name__)
 
@@ -92,6 +107,10 @@ class ConnectionLoop:
         self.once = once
         self.connected = False
         self.outage = None  # (since, reason) while the broker cannot be reached
+        self.blocked = None  # (since, reason) while the broker blocks our publishes
+        self.broker_url = None  # the redacted URL of the broker connected to, if any
+        self.connecting = False  # True while a broker is being tried (progress, if slow)
+        self._next_broker = 0
         self.last_progress = time.monotonic()
         self.on_change = None  # called (on this loop's thread) when connected changes
         self._thread = None
@@ -145,21 +164,33 @@ class ConnectionLoop:
             try:
                 # Each broker once, without kombu's own (uninterruptible) sleeps:
                 # the backoff below waits on the stop event instead.
-                connection = broker.connect(self.broker)
-                LOG.info("%s: connected to %s", self.name, connection.as_uri())
+                self.connecting = True
+                connection, index = broker.connect(
+                    self.broker, self._next_broker, on_attempt=self._progress,
+                    on_blocked=self._on_blocked, on_unblocked=self._on_unblocked)
+                # After a loss, the next broker first: this one may be going down.
+                self._next_broker = index + 1
+                self.broker_url = redact_url(self.broker.urls[index])
+                LOG.info("%s: connected to %s", self.name, self.broker_url)
                 self.component.start(connection, self)
+                self.connecting = False
                 backoff.reset()
                 self._set_connected(True)
                 self.outage = None
                 if self._serve(connection):
                     return
             except broker.ERRORS + (Reconnect,) as exc:
-                error = exc
+                error = f"connection to {self.broker_url} lost ({broker.describe(exc)})"
+            except BrokerUnavailable as exc:
+                error = f"cannot reach the broker ({exc})"
             finally:
+                self.connecting = False
                 self._set_connected(False)
                 self.component.connection_lost()
                 if connection is not None:
-                    _close_quietly(connection)
+                    # A broker that blocks us reads nothing: no close-ok will come.
+                    broker.close(connection, graceful=self.blocked is None)
+                self.blocked = None
             # Logged outside the except block: oslo.log would append the
             # exception a second time.
             if error is not None:
@@ -171,14 +202,35 @@ class ConnectionLoop:
         if changed and self.on_change is not None:
             self.on_change()
 
-    def _lost(self, exc, backoff) -> None:
+    def _progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    # py-amqp's callbacks, inside its dispatch of a frame: they only record.
+
+    def _on_blocked(self, reason) -> None:
+        self.blocked = (time.time(), reason)
+        LOG.warning("%s: the broker %s blocks publishing (%s): a memory or disk alarm; "
+                    "publishes wait until it clears", self.name, self.broker_url, reason)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _on_unblocked(self) -> None:
+        self.blocked = None
+        LOG.info("%s: the broker %s takes publishes again", self.name, self.broker_url)
+        self.call_soon(self.component.on_unblocked)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _lost(self, error: str, backoff) -> None:
+        """``error``: what failed, in words that name the broker."""
         delay = backoff.next_delay()
+        self.broker_url = None
         if self.once and backoff.attempt >= ONCE_CONNECT_ATTEMPTS:
-            raise BrokerUnavailable(f"{self.broker.redacted()}: {describe(exc)}")
+            raise BrokerUnavailable(error)
         if self.outage is None:
-            self.outage = (time.time(), describe(exc))
-        LOG.warning("%s: broker connection lost or refused (%s); reconnecting in %.1f s "
-                    "(attempt %d)", self.name, describe(exc), delay, backoff.attempt)
+            self.outage = (time.time(), error)
+        LOG.warning("%s: %s; reconnecting in %.1f s (attempt %d)", self.name, error, delay,
+                    backoff.attempt)
         deadline = time.monotonic() + delay
         while not self.stop_event.is_set() and time.monotonic() < deadline:
             # Waiting is progress too: a broker outage is no reason for the
@@ -271,14 +323,3 @@ def _empty_pipe(fd) -> None:
         pass
 
 
-def _close_quietly(connection) -> None:
-    try:
-        connection.release()
-    except Exception:  # noqa: BLE001 - the connection is being thrown away
-        LOG.debug("error while closing a broker connection", exc_info=True)
-
-
-def describe(exc) -> str:
-    """An exception as one line: its type, and its message when that says more."""
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -1,19 +1,31 @@
 """How many messages wait in the queues of glance-image-sync, and who reads them.
 
 Read-only: every queue is looked at with a passive declaration on a short
-connection of its own, so nothing is created, re-declared or consumed, and a
-queue that does not exist is reported as missing (RabbitMQ closes the channel
-of a passive declaration that finds nothing; the next queue gets a new one).
+connection of its own, so nothing is created or consumed, and a queue that
+does not exist is reported as missing (RabbitMQ closes the channel of a
+passive declaration that finds nothing; the next queue gets a new one).
 ``status`` and the metrics both read the broker through here.
+
+With ``check``, Glance's queue and this node's own queues, where they exist,
+are also declared again as the settings declare them: an equivalent
+declaration changes nothing, and one that RabbitMQ refuses is a ``Mismatch``
+for ``status`` to report.
 """
 
 from __future__ import annotations
 
+import socket
+import time
 from dataclasses import dataclass
+
+import amqp
 
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.broker import topology
 from glance_image_sync.exceptions import BrokerUnavailable
+
+PROBE_ROUTING_KEY = f"{topology.PREFIX}.probe (routed nowhere)"
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class Overview:
     dead_letter: QueueStats
     departed: tuple = ()  # NodeQueues of known nodes not in api_nodes whose queues exist
     legacy: tuple = ()  # QueueStats of the 2013 tool's per-node queues that exist
+    mismatches: tuple = ()  # topology.Mismatch, with check=True
+    blocked: str | None = None  # with check=True: why the broker blocks publishers, if it does
 
     def all_queues(self):
         yield self.notifications
@@ -67,11 +81,12 @@ class Overview:
         yield self.dead_letter
 
 
-def overview(settings, known_nodes=()) -> Overview:
+def overview(settings, known_nodes=(), check=False) -> Overview:
     """Every queue of the cluster as the broker sees it now; BrokerUnavailable if unreachable.
 
     ``known_nodes``: names queues were once declared for (``state.knownnodes``);
-    those not in api_nodes whose queues still exist are ``departed``.
+    those not in api_nodes whose queues still exist are ``departed``. ``check``:
+    see the module's docstring.
     """
     topo = settings.topology
     names = [topology.notification_queue_name(topo), topology.DEAD_LETTER_QUEUE]
@@ -82,7 +97,10 @@ def overview(settings, known_nodes=()) -> Overview:
         per_node[node] = (main, retries, failed)
         names += [main, *retries, failed]
     legacy = [topology.legacy_queue_name(node) for node in per_node]
-    found = read(settings.broker, names + legacy)
+    checked = ([topology.dead_letter_queue(topo),
+                *topology.node_queues(settings.nodes.this, topo)] if check else [])
+    found, mismatches, blocked = inspect(settings.broker, names + legacy, checked,
+                                         topo if check else None)
     queues = {node: NodeQueues(node, found[main], tuple(found[r] for r in retries),
                                found[failed])
               for node, (main, retries, failed) in per_node.items()}
@@ -92,17 +110,60 @@ def overview(settings, known_nodes=()) -> Overview:
         dead_letter=found[topology.DEAD_LETTER_QUEUE],
         departed=tuple(queues[node] for node in departed if queues[node].exists),
         legacy=tuple(found[name] for name in legacy if found[name].exists),
+        mismatches=tuple(mismatches),
+        blocked=blocked,
     )
 
 
 def read(broker, names) -> dict:
     """{name: QueueStats} for each queue name; BrokerUnavailable if unreachable."""
+    return inspect(broker, names)[0]
+
+
+def inspect(broker, names, check=(), glance=None) -> tuple:
+    """({name: QueueStats} for each queue name, [Mismatch] among the ``check`` queues
+    that exist, why the broker blocks publishers or None); BrokerUnavailable if
+    unreachable. With ``glance`` (TopologySettings), Glance's queue is checked
+    too, and whether the broker blocks publishers is asked."""
+    blocked = []
+    connection, index = brokers.connect(broker, on_blocked=blocked.append,
+                                        on_unblocked=blocked.clear)
     try:
-        with brokers.connect(broker) as connection:
-            return _declare_passively(connection, names)
+        try:
+            found = _declare_passively(connection, names)
+            with topology.Declarer(connection) as declarer:
+                for queue in check:
+                    if found[queue.name].exists:
+                        declarer.queue(queue)
+                if glance is not None and found[topology.notification_queue_name(glance)].exists:
+                    topology.check_notification_queue(declarer, glance)
+            if glance is not None:
+                _probe_publishing(connection, blocked)
+            return found, declarer.mismatches, (blocked[0] if blocked else None)
+        finally:
+            brokers.close(connection, graceful=not blocked)
     except brokers.ERRORS as exc:
-        reason = str(exc) or type(exc).__name__
-    raise BrokerUnavailable(f"{broker.redacted()}: {reason}")
+        reason = brokers.describe(exc)
+    raise BrokerUnavailable(f"{brokers.redact_url(broker.urls[index])}: {reason}")
+
+
+def _probe_publishing(connection, blocked) -> None:
+    """Publish one unroutable message, confirmed: the broker acks it at once, unless a
+    resource alarm blocks publishers, when it sends connection.blocked (``blocked``)."""
+    channel = connection.channel()
+    channel.confirm_select()
+    acked = []
+    channel.events["basic_ack"].add(lambda *_: acked.append(True))
+    # No queue is named so: the default exchange drops it, and nothing changes.
+    channel.basic_publish(amqp.Message(b""), exchange="", routing_key=PROBE_ROUTING_KEY)
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    while not acked and not blocked and time.monotonic() < deadline:
+        try:
+            connection.drain_events(timeout=max(0.01, deadline - time.monotonic()))
+        except socket.timeout:
+            break
+    if not acked and not blocked:
+        blocked.append(f"no confirm of a publish within {PROBE_TIMEOUT:.0f} s")
 
 
 def _declare_passively(connection, names) -> dict:

@@ -14,8 +14,8 @@ For operators (``cmd.admin``): ``status``, ``reconcile``, ``failed list``,
 
 Exit status: 0 when everything was applied, 1 when something failed or was
 rejected (it is logged, and retried or kept where an operator finds it),
-2 for a configuration error or a wrong command line. A run that finds
-another one running exits 0.
+2 for a configuration error or a wrong command line, 78 when the broker
+refuses the credentials. A run that finds another one running exits 0.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ from oslo_config import cfg
 
 from glance_image_sync import service
 from glance_image_sync.cmd import admin, daemon, node, oneshot
-from glance_image_sync.exceptions import EXIT_CONFIG, EXIT_USAGE, ConfigError, UsageError
+from glance_image_sync.exceptions import (
+    EXIT_BROKER_REFUSED,
+    EXIT_CONFIG,
+    EXIT_USAGE,
+    BrokerRefused,
+    ConfigError,
+    UsageError,
+)
 
 PROG = service.PROG
 
@@ -54,6 +61,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokerRefused as exc:
+        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_BROKER_REFUSED
     finally:
         if handling:
             signal.signal(signal.SIGTERM, previous)

@@ -10,9 +10,11 @@ from oslo_log import log as logging
 
 from glance_image_sync.admin.tables import plural
 from glance_image_sync.exceptions import (
+    EXIT_BROKER_REFUSED,
     EXIT_FAILED,
     EXIT_OK,
     AlreadyRunning,
+    BrokerRefused,
     BrokerUnavailable,
 )
 from glance_image_sync.fanout.consumer import fanout_loop
@@ -78,6 +80,9 @@ def run(settings, steps) -> int:
         LOG.info("not running: %s", exc)
         return EXIT_OK
     except BrokerUnavailable as exc:
-        unreachable = exc
-    LOG.error("cannot reach the broker: %s", unreachable)
-    return EXIT_FAILED
+        status, message = EXIT_FAILED, f"giving up: {exc}"
+    except BrokerRefused as exc:
+        status, message = EXIT_BROKER_REFUSED, f"configuration error: {exc}"
+    # Logged outside the except block: oslo.log would append the traceback.
+    LOG.error("%s", message)
+    return status

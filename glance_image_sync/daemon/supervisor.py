@@ -2,10 +2,17 @@
 
 The fan-out and the sync worker each run a ``ConnectionLoop`` on a thread of
 its own. The main thread only supervises: it handles signals, tells systemd
-READY=1 once both consume, keeps STATUS current, pings the watchdog while
-both loops show recent progress (so a wedged consumer gets the service
-restarted, while a broker outage does not), and reloads ``api_nodes`` and the
-log level on SIGHUP.
+READY=1 as soon as both loops run (reaching the broker is their business:
+STATUS says which broker they wait for, and they retry with backoff, so a
+broker that is down at boot causes no start-up timeout and no restart loop),
+keeps STATUS current, pings the watchdog while both loops show recent
+progress (so a wedged consumer gets the service restarted, while a broker
+outage or a blocked broker does not), and reloads ``api_nodes`` and the log
+level on SIGHUP.
+
+A broker that refuses the credentials is a configuration error: the daemon
+logs one line and exits with EXIT_BROKER_REFUSED (78), which the unit's
+RestartPreventExitStatus keeps systemd from restarting on.
 
 On SIGTERM (or SIGINT) it sends STOPPING=1 and stops both loops; running
 transfers are killed, their temporary files removed, and their messages left
@@ -21,8 +28,9 @@ import time
 
 from oslo_log import log as logging
 
+from glance_image_sync.broker.connection import CONNECT_TIMEOUT
 from glance_image_sync.daemon.systemd import SystemdNotifier, watchdog_interval
-from glance_image_sync.exceptions import AlreadyRunning
+from glance_image_sync.exceptions import EXIT_BROKER_REFUSED, AlreadyRunning, BrokerRefused
 from glance_image_sync.fanout.consumer import fanout_loop
 from glance_image_sync.metrics import Exporter
 from glance_image_sync.nodes import Nodes
@@ -47,16 +55,21 @@ class Supervisor:
         self._attention = threading.Event()
         self._reload_requested = False
         self._failure = None
-        self._ready = False
+        self._ready = False  # READY=1 sent
+        self._consuming = False  # both loops have consumed ("ready: consuming" logged)
+        self._exit_status = 0
+        self._stopping = threading.RLock()  # one says why it stops, once (signals too)
         self.loops = []
 
     # -- signals -------------------------------------------------------------
 
     def request_stop(self, *_):
-        if not self.stop_event.is_set():
+        with self._stopping:
+            first = not self.stop_event.is_set()
+            self.stop_event.set()
+        if first:
             self.notifier.stopping()
             LOG.info("stopping: abandoning running transfers (their events stay queued)")
-        self.stop_event.set()
         for loop in self.loops:
             loop.wake()
         self._attention.set()
@@ -68,7 +81,8 @@ class Supervisor:
     # -- running ---------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until stopped; 0 after a clean stop, 1 if a consumer failed."""
+        """Serve until stopped; 0 after a clean stop, 1 if a consumer failed,
+        EXIT_BROKER_REFUSED if the broker refused the credentials."""
         if self.handle_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -98,15 +112,28 @@ class Supervisor:
         finally:
             lock.release()
         LOG.info("stopped")
-        return 1 if self._failure else 0
+        return self._exit_status
 
     def _run_loop(self, loop) -> None:
         try:
             loop.run()
+            return
+        except BrokerRefused as exc:
+            refused = exc
         except Exception as exc:  # noqa: BLE001 - the outer edge: report, then stop all
             LOG.exception("%s: stopped by an unexpected error", loop.name)
             self._failure = f"{loop.name}: {exc}"
+            self._exit_status = self._exit_status or 1
             self.request_stop()
+            return
+        with self._stopping:
+            first = self._exit_status != EXIT_BROKER_REFUSED
+            self._exit_status = EXIT_BROKER_REFUSED
+        if first:  # both loops meet it: one line
+            # Logged outside the except block: oslo.log would append the traceback.
+            LOG.error("configuration error, stopping: %s", refused)
+        self._failure = str(refused)
+        self.request_stop()
 
     def _supervise(self) -> None:
         interval = watchdog_interval()
@@ -120,16 +147,20 @@ class Supervisor:
         if self._reload_requested:
             self._reload_requested = False
             self._reload()
-        healthy = not any(self._stuck_for(loop) for loop in self.loops)
-        if not self._ready and all(loop.connected for loop in self.loops):
+        if not self._ready:
+            # Started: the loops run, and reaching the broker is their business
+            # (STATUS says which broker they wait for). systemd arms the
+            # watchdog from here on.
             self._ready = True
             self.notifier.status(self.status_text())
             self.notifier.ready()
+        if not self._consuming and all(loop.connected for loop in self.loops):
+            self._consuming = True
             LOG.info("ready: consuming on %s", self.settings.nodes.this)
-        # systemd arms the watchdog once start-up is complete (READY=1).
-        if self._ready and interval is not None and healthy:
+        healthy = not any(self._stuck_for(loop) for loop in self.loops)
+        if interval is not None and healthy:
             self.notifier.watchdog()
-        elif self._ready and interval is not None:
+        elif interval is not None:
             LOG.error("a consumer shows no progress (%s); not pinging the watchdog",
                       self.status_text())
         self.notifier.status(self.status_text())
@@ -138,20 +169,27 @@ class Supervisor:
 
     def _stuck_for(self, loop) -> float:
         """Seconds a loop has gone without progress beyond what is normal, or 0."""
-        # A loop wakes at least every heartbeat/4 s, even when idle.
+        # A loop wakes at least every heartbeat/4 s, even when idle; trying
+        # one broker may take up to three connect timeouts (TCP, TLS, AMQP).
         idle = time.monotonic() - loop.last_progress
-        return idle if idle > self.settings.broker.heartbeat / 4 + 5 else 0.0
+        allowed = self.settings.broker.heartbeat / 4 + 5
+        if loop.connecting:
+            allowed += 3 * CONNECT_TIMEOUT
+        return idle if idle > allowed else 0.0
 
     def _loop_state(self, loop) -> str:
         stuck = self._stuck_for(loop)
         if stuck:
             return f"stuck (no progress for {stuck:.0f} s)"
+        if loop.connected and loop.blocked:
+            return (f"consuming, broker blocked since {_clock(loop.blocked[0])} "
+                    f"({loop.broker_url}: a memory or disk alarm)")
         if loop.connected:
             return "consuming"
         if loop.outage:
             since, reason = loop.outage
-            return f"disconnected since {_clock(since)} ({reason[:60]})"
-        return "connecting"
+            return f"waiting for the broker since {_clock(since)} ({reason[:160]})"
+        return f"connecting to {self.settings.broker.redacted()}"
 
     def status_text(self) -> str:
         fanout, sync = self.loops

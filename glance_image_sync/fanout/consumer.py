@@ -35,14 +35,19 @@ class FanOut(QueueConsumer):
     prefetch = 256
 
     def declare(self, connection, channel):
-        topology.declare_own_queues(channel, self.nodes.all, self.settings.topology)
+        self.report(topology.declare_own_queues(connection, self.nodes.all,
+                                                self.settings.topology))
         self._remember(self.nodes.all)
-        return topology.declare_notification_queue(connection, self.settings.topology)
+        queue, mismatches = topology.declare_notification_queue(connection,
+                                                                self.settings.topology)
+        self.report(mismatches)
+        return queue
 
     def set_nodes(self, nodes) -> None:
         super().set_nodes(nodes)
         if self.channel is not None:  # a new node's queue collects events from now on
-            topology.declare_own_queues(self.channel, nodes.all, self.settings.topology)
+            self.report(topology.declare_own_queues(self.channel.connection, nodes.all,
+                                                    self.settings.topology))
             self._remember(nodes.all)
 
     def _remember(self, names) -> None:

@@ -69,7 +69,8 @@ class SyncWorker(QueueConsumer):
         self.failed_attempts = 0
 
     def declare(self, connection, channel):
-        topology.declare_own_queues(channel, [self.nodes.this], self.settings.topology)
+        self.report(topology.declare_own_queues(connection, [self.nodes.this],
+                                                self.settings.topology))
         return topology.node_queues(self.nodes.this, self.settings.topology)[0]
 
     def set_nodes(self, nodes) -> None:
