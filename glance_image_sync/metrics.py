@@ -13,7 +13,13 @@ as it goes:
 ``glance_image_sync_transferred_bytes_total{peer}``
     bytes of the copies that were installed;
 ``glance_image_sync_transfer_seconds``
-    histogram of the time each installed copy took.
+    histogram of the time each installed copy took;
+``glance_image_sync_deletes_total{result}``, ``..._trash_purged_total{reason}``
+    deletes ``applied``, ``refused`` or ``unconfirmed`` (retried); images
+    purged from the trash, ``expired`` or for ``space``;
+``glance_image_sync_deletes_last_minute``, ``glance_image_sync_delete_burst``
+    deletes applied or refused in the last 60 s; 1 while that is more than
+    ``delete_alarm_threshold``.
 
 What is read when the metrics are collected (a scrape, or a textfile write):
 
@@ -25,7 +31,10 @@ What is read when the metrics are collected (a scrape, or a textfile write):
 ``glance_image_sync_last_success_timestamp_seconds{node}``,
 ``glance_image_sync_last_error_timestamp_seconds{node}``
     from this node's state file, so a cron run that applied nothing still
-    reports when the last one did; no sample before the first. ``node`` is
+    reports when the last one did; no sample before the first;
+``..._trash_images``, ``..._trash_bytes``, ``..._restores_total``
+    the trash now; images put back from it by ``restore`` or ``reconcile``
+    (separate processes: counted from their log, ``state.restores``). ``node`` is
     this node's name in api_nodes, as in its queue's name, so an alert can
     join the two (etc/prometheus/glance-image-sync-rules.yml).
 
@@ -38,6 +47,7 @@ daemon. prometheus_client writes it to a temporary name and renames it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -47,20 +57,23 @@ from oslo_log import log as logging
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     start_http_server,
     write_to_textfile,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from glance_image_sync.broker import queues as queuestats
 from glance_image_sync.exceptions import (
     BrokerUnavailable,
     ConfigError,
     NodeStateError,
+    StoreError,
     TransferCancelled,
 )
-from glance_image_sync.state import nodestate
+from glance_image_sync.settings import DeleteSettings
+from glance_image_sync.state import nodestate, restores
 
 LOG = logging.getLogger(__name__)
 
@@ -71,12 +84,43 @@ TEXTFILE_EVERY = 30.0
 TRANSFER_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 
 
+class DeleteRate:
+    """Deletes within the last minute, and whether that is more than ``threshold``."""
+
+    WINDOW = 60.0
+
+    def __init__(self, threshold: int, clock=time.monotonic):
+        self.threshold = threshold
+        self.clock = clock
+        self._times = collections.deque()
+        self._lock = threading.RLock()  # count() runs on the scrape's thread too
+
+    def add(self) -> int | None:
+        """Count one delete; the count when it starts a burst (crosses the threshold)."""
+        with self._lock:
+            self._times.append(self.clock())
+            count = self.count()
+        return count if count == self.threshold + 1 else None
+
+    def count(self) -> int:
+        with self._lock:
+            cutoff = self.clock() - self.WINDOW
+            while self._times and self._times[0] <= cutoff:
+                self._times.popleft()
+            return len(self._times)
+
+    @property
+    def burst(self) -> bool:
+        return self.count() > self.threshold
+
+
 class Metrics:
     """The metrics of one process; ``settings`` None counts only (no broker, no state file).
 
     The sync worker calls three hooks: ``received(action)`` when it reads an
     event, ``applied(outcome)`` when an attempt to apply one ends, and
-    ``transfer(peer, size)`` around each fetch.
+    ``transfer(peer, size)`` around each fetch; ``deleted(result)`` counts a
+    delete, ``purged(reason)`` an image purged from the trash.
     """
 
     def __init__(self, settings=None):
@@ -96,23 +140,56 @@ class Metrics:
         self.transfer_seconds = Histogram(
             f"{PREFIX}_transfer_seconds", "Seconds each installed copy took to fetch and verify.",
             buckets=TRANSFER_BUCKETS, registry=self.registry)
+        self.deletes = Counter(
+            f"{PREFIX}_deletes", "Deletes: applied (moved to the trash, or removed), refused "
+            "(still active in Glance), unconfirmed (Glance's API could not tell; retried).",
+            ["result"], registry=self.registry)
+        self.trash_purged = Counter(
+            f"{PREFIX}_trash_purged", "Images purged from the trash, by reason (expired, space).",
+            ["reason"], registry=self.registry)
+        deletes = settings.deletes if settings is not None else DeleteSettings()
+        self.delete_rate = DeleteRate(deletes.alarm_threshold)
+        Gauge(f"{PREFIX}_deletes_last_minute", "Deletes applied or refused in the last 60 s.",
+              registry=self.registry).set_function(self.delete_rate.count)
+        Gauge(f"{PREFIX}_delete_burst", "1 while more deletes than delete_alarm_threshold "
+              "were applied or refused in the last 60 s, else 0.",
+              registry=self.registry).set_function(lambda: int(self.delete_rate.burst))
         for action in ("present", "absent", "rejected"):
             self.events_received.labels(action)
-        for result in ("ok", "failed"):
+        for result in ("ok", "failed", "refused"):
             self.events_applied.labels(result)
+        for result in ("applied", "refused", "unconfirmed"):
+            self.deletes.labels(result)
+        for reason in ("expired", "space"):
+            self.trash_purged.labels(reason)
         self._broker = None
         if settings is not None:
             self._broker = _BrokerCollector(settings)
             self.registry.register(self._broker)
             self.registry.register(_NodeStateCollector(settings.nodes.this,
                                                        settings.store.state_dir))
+            self.registry.register(_RestoresCollector(settings.store.state_dir))
 
     def received(self, action: str) -> None:
         self.events_received.labels(action).inc()
 
     def applied(self, outcome) -> None:
-        if not outcome.cancelled:  # a shutdown: the event is delivered again
-            self.events_applied.labels("ok" if outcome.ok else "failed").inc()
+        if outcome.cancelled:  # a shutdown: the event is delivered again
+            return
+        result = "refused" if outcome.refused else "ok" if outcome.ok else "failed"
+        self.events_applied.labels(result).inc()
+
+    def deleted(self, result: str) -> int | None:
+        """Count a delete by result; the count of the last minute when a burst starts."""
+        self.deletes.labels(result).inc()
+        return self.delete_rate.add() if result in ("applied", "refused") else None
+
+    def purged(self, reason: str) -> None:
+        self.trash_purged.labels(reason).inc()
+
+    def watch_trash(self, trash) -> None:
+        """Report what ``trash`` (a ``store.trash.Trash``) holds at each collection."""
+        self.registry.register(_TrashCollector(trash))
 
     def set_nodes(self, nodes) -> None:
         """Report the queues of ``nodes`` from the next collection on (SIGHUP)."""
@@ -200,6 +277,50 @@ class _NodeStateCollector:
         if failure is not None:
             LOG.warning("metrics: %s", failure)
         yield from (success, error)
+
+
+class _TrashCollector:
+    """What the store's trash holds, listed at collection time."""
+
+    def __init__(self, trash):
+        self.trash = trash
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        images = GaugeMetricFamily(f"{PREFIX}_trash_images", "Images in the store's trash.")
+        size = GaugeMetricFamily(f"{PREFIX}_trash_bytes", "Bytes of the images in the trash.")
+        try:
+            count, total = self.trash.stats()
+        except (OSError, StoreError) as exc:
+            LOG.warning("metrics: cannot list the trash: %s", exc)
+            return
+        images.add_metric([], count)
+        size.add_metric([], total)
+        yield from (images, size)
+
+
+class _RestoresCollector:
+    """Images put back from the trash, from this node's log of them (any process's)."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        try:
+            count = restores.count(self.state_dir)
+        except OSError as exc:
+            LOG.warning("metrics: cannot read %s: %s", restores.path_in(self.state_dir),
+                        exc.strerror)
+            return
+        family = CounterMetricFamily(f"{PREFIX}_restores", "Images put back from the trash "
+                                     "on this node (restore, reconcile).")
+        family.add_metric([], count)
+        yield family
 
 
 class Exporter:

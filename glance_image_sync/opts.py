@@ -129,6 +129,38 @@ store_opts = [
     ),
 ]
 
+delete_opts = [
+    cfg.IntOpt(
+        "deleted_image_grace",
+        default=24 * 3600,
+        min=0,
+        help="Seconds a deleted image's file stays in the store's trash "
+        "(<filesystem_store_datadir>/.glance-image-sync-trash, moved there by a "
+        "rename: no copy, no extra space) before it is purged; until then "
+        "'glance-image-sync restore <image id>' puts it back. 0 removes the "
+        "file at once, for good.",
+    ),
+    cfg.IntOpt(
+        "trash_min_free_percent",
+        default=10,
+        min=0,
+        max=90,
+        help="When less than this percentage of the image store's file system "
+        "is free, the trash is purged before its grace period ends, oldest "
+        "first, until this much is free again or the trash is empty (each "
+        "image logged). Keep it above the share the largest upload you expect "
+        "needs. 0: never purged early.",
+    ),
+    cfg.IntOpt(
+        "delete_alarm_threshold",
+        default=20,
+        min=1,
+        help="More deletes than this within a minute on one node are logged as "
+        "an error and raised in the metrics (glance_image_sync_delete_burst), "
+        "for an alert on a mass delete.",
+    ),
+]
+
 transfer_opts = [
     cfg.StrOpt(
         "rsync_user",
@@ -301,8 +333,8 @@ def list_opts():
     return [
         (
             "DEFAULT",
-            cluster_opts + messaging_opts + store_opts + transfer_opts + metrics_opts
-            + legacy_opts,
+            cluster_opts + messaging_opts + store_opts + delete_opts + transfer_opts
+            + metrics_opts + legacy_opts,
         ),
         (API_GROUP, glance_api_opts),
         (AUTH_GROUP, ks_loading.get_auth_common_conf_options()

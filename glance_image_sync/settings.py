@@ -62,6 +62,13 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class DeleteSettings:
+    grace: int = 24 * 3600  # seconds in the trash; 0: removed at once
+    min_free_percent: int = 10  # below this share free, the trash is purged early
+    alarm_threshold: int = 20  # more deletes than this in a minute: an alarm
+
+
+@dataclass(frozen=True)
 class TransferSettings:
     user: str
     ssh_config_file: str | None
@@ -116,6 +123,7 @@ class Settings:
     max_attempts: int
     metrics: MetricsSettings = MetricsSettings()
     glance_api: GlanceApiSettings = GlanceApiSettings()
+    deletes: DeleteSettings = DeleteSettings()
 
     @classmethod
     def from_conf(cls, conf) -> Settings:
@@ -164,6 +172,11 @@ class Settings:
                 textfile=_textfile(conf.metrics_textfile),
             ),
             glance_api=glance_api_settings(conf),
+            deletes=DeleteSettings(
+                grace=conf.deleted_image_grace,
+                min_free_percent=conf.trash_min_free_percent,
+                alarm_threshold=conf.delete_alarm_threshold,
+            ),
         )
 
 
