@@ -191,9 +191,17 @@ class Trash:
         return Trashed(name, st.st_ctime, st.st_size, file=trashed_version(st))
 
     def stats(self) -> tuple:
-        """(images, bytes) in the trash."""
-        found = self.entries()
-        return len(found), sum(entry.size for entry in found)
+        """(images, bytes) in the trash: a listing and a stat each, no record read."""
+        count = total = 0
+        with self._opened() as trash_fd:
+            if trash_fd is None:
+                return 0, 0
+            for item in os.scandir(trash_fd):
+                if _is_image_name(item.name) and item.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        total += item.stat(follow_symlinks=False).st_size
+                        count += 1
+        return count, total
 
     # -- purging -------------------------------------------------------------
 
