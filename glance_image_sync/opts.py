@@ -138,7 +138,7 @@ delete_opts = [
         "(<filesystem_store_datadir>/.glance-image-sync-trash, moved there by a "
         "rename: no copy, no extra space) before it is purged; until then "
         "'glance-image-sync restore <image id>' puts it back. 0 removes the "
-        "file at once, for good.",
+        "file at once, for good. At most deleted_image_memory.",
     ),
     cfg.IntOpt(
         "trash_min_free_percent",

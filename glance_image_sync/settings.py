@@ -172,11 +172,7 @@ class Settings:
                 textfile=_textfile(conf.metrics_textfile),
             ),
             glance_api=glance_api_settings(conf),
-            deletes=DeleteSettings(
-                grace=conf.deleted_image_grace,
-                min_free_percent=conf.trash_min_free_percent,
-                alarm_threshold=conf.delete_alarm_threshold,
-            ),
+            deletes=_deletes(conf),
         )
 
 
@@ -203,6 +199,17 @@ def glance_api_settings(conf) -> GlanceApiSettings:
         raise ConfigError(f"[{opts.AUTH_GROUP}]: {exc}") from None
     return GlanceApiSettings(auth=auth, session=session, region_name=api.region_name,
                              interface=api.interface, endpoint_override=api.endpoint_override)
+
+
+def _deletes(conf) -> DeleteSettings:
+    if conf.deleted_image_grace > conf.deleted_image_memory:
+        # A trashed image whose deletion is forgotten could be fetched back by a
+        # late upload event while a peer still holds it.
+        raise ConfigError(f"deleted_image_grace ({conf.deleted_image_grace} s) must not be "
+                          f"longer than deleted_image_memory ({conf.deleted_image_memory} s)")
+    return DeleteSettings(grace=conf.deleted_image_grace,
+                          min_free_percent=conf.trash_min_free_percent,
+                          alarm_threshold=conf.delete_alarm_threshold)
 
 
 def kombu_urls(transport_url: str) -> list:

@@ -24,6 +24,7 @@ from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore, file_version
 from glance_image_sync.store.trash import TRASH_DIR, Cause, Trash
 from glance_image_sync.sync.apply import REFUSED, ImageSync, Outcome
+from glance_image_sync.sync.session import sync_loop
 from glance_image_sync.sync.trashkeeper import CHECK_EVERY, TrashKeeper
 from glance_image_sync.sync.worker import SyncWorker
 from tests import fakes
@@ -279,3 +280,19 @@ def test_a_copy_that_finds_too_little_room_has_the_oldest_trash_purged_for_it(no
     assert [e.image_id for e in trash.entries()] == [IMAGE]  # the older one went
     assert f"image {older}: purged from the trash on node1 before its grace period ended: " \
         f"a copy of {len(DATA)} bytes needed the room; oldest first" in caplog.text
+
+
+def test_a_cron_run_purges_what_is_due_before_it_starts(tmp_path):
+    (tmp_path / "images").mkdir()
+    settings = settings_for(tmp_path, deleted_image_grace=60)
+    store = ImageStore(settings.store)
+    try:
+        for image_id, when in ((IMAGE, 0.0), (IMAGE[:-1] + "0", None)):  # long ago; now
+            (tmp_path / "images" / image_id).write_bytes(DATA)
+            Trash(store).put(image_id, Cause(), now=when)
+    finally:
+        store.close()
+    with sync_loop(settings, once=True) as loop:  # no broker needed before run()
+        assert [e.image_id for e in loop.component.image_sync.trash.entries()] == [
+            IMAGE[:-1] + "0"]
+        loop.close()
