@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (both install what they need first):
 #   make demo   a real three-node cluster on this machine: an image replicated, then deleted
-#   make test   the whole test suite (unit, broker and cluster tiers)
-.PHONY: deps demo test unit lint sample-config bench
+#   make test   the whole test suite (unit, broker, cluster and systemd tiers)
+.PHONY: deps demo test unit lint sample-config bench deb
 
 deps:
 	tools/install-deps
@@ -14,7 +14,7 @@ test: deps lint
 	.venv/bin/python -m tools.coverage_floor --total 85 --module 60
 
 unit:
-	.venv/bin/python -m pytest -m "not cluster and not broker"
+	.venv/bin/python -m pytest -m "not cluster and not broker and not systemd"
 
 lint:
 	.venv/bin/ruff check .
@@ -24,3 +24,7 @@ sample-config:
 
 bench: deps
 	.venv/bin/python -m bench.run --readme
+
+# The Debian package, in dist/ (tools/build-deb installs Debian's build tools).
+deb:
+	tools/build-deb

@@ -14,12 +14,10 @@ as it goes:
     bytes of the copies that were installed;
 ``glance_image_sync_transfer_seconds``
     histogram of the time each installed copy took;
-``glance_image_sync_deletes_total{result}``, ``..._trash_purged_total{reason}``
-    deletes ``applied``, ``refused`` or ``unconfirmed`` (retried); images
-    purged from the trash, ``expired`` or for ``space``;
-``glance_image_sync_deletes_last_minute``, ``glance_image_sync_delete_burst``
-    deletes applied or refused in the last 60 s; 1 while that is more than
-    ``delete_alarm_threshold``.
+``..._deletes_total{result}``, ``..._trash_purged_total{reason}``, ``..._deletes_last_minute``,
+``..._delete_burst``
+    deletes ``applied``, ``refused`` or ``unconfirmed``; purges ``expired`` or
+    for ``space``; deletes in the last 60 s, and 1 while more than the threshold.
 
 What is read when the metrics are collected (a scrape, or a textfile write):
 
@@ -31,12 +29,12 @@ What is read when the metrics are collected (a scrape, or a textfile write):
 ``glance_image_sync_last_success_timestamp_seconds{node}``,
 ``glance_image_sync_last_error_timestamp_seconds{node}``
     from this node's state file, so a cron run that applied nothing still
-    reports when the last one did; no sample before the first;
-``..._trash_images``, ``..._trash_bytes``, ``..._restores_total``
-    the trash now; images put back from it by ``restore`` or ``reconcile``
-    (separate processes: counted from their log, ``state.restores``). ``node`` is
+    reports when the last one did; no sample before the first. ``node`` is
     this node's name in api_nodes, as in its queue's name, so an alert can
-    join the two (etc/prometheus/glance-image-sync-rules.yml).
+    join the two (etc/prometheus/glance-image-sync-rules.yml);
+``..._trash_images``, ``..._trash_bytes``, ``..._restores_total``
+    the trash now; images put back from it (by ``restore`` or ``reconcile``,
+    processes of their own: counted from their log, ``state.restores``).
 
 Both ways out are off by default: ``Exporter`` serves them over HTTP from the
 daemon (``metrics_listen_port``, on loopback unless ``metrics_listen_address``
@@ -49,9 +47,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import socket
+import socketserver
 import threading
 import time
 from contextlib import contextmanager
+from wsgiref import simple_server
 
 from oslo_log import log as logging
 from prometheus_client import (
@@ -59,7 +60,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
     write_to_textfile,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -109,18 +110,16 @@ class DeleteRate:
                 self._times.popleft()
             return len(self._times)
 
-    @property
-    def burst(self) -> bool:
-        return self.count() > self.threshold
+    def burst(self) -> int:
+        return int(self.count() > self.threshold)  # a gauge: 1 or 0
 
 
 class Metrics:
     """The metrics of one process; ``settings`` None counts only (no broker, no state file).
 
-    The sync worker calls three hooks: ``received(action)`` when it reads an
-    event, ``applied(outcome)`` when an attempt to apply one ends, and
-    ``transfer(peer, size)`` around each fetch; ``deleted(result)`` counts a
-    delete, ``purged(reason)`` an image purged from the trash.
+    The sync worker's hooks: ``received(action)`` when it reads an event,
+    ``applied(outcome)`` when an attempt to apply one ends, ``transfer(peer,
+    size)`` around each fetch, ``deleted(result)`` and ``purged(reason)``.
     """
 
     def __init__(self, settings=None):
@@ -153,22 +152,19 @@ class Metrics:
               registry=self.registry).set_function(self.delete_rate.count)
         Gauge(f"{PREFIX}_delete_burst", "1 while more deletes than delete_alarm_threshold "
               "were applied or refused in the last 60 s, else 0.",
-              registry=self.registry).set_function(lambda: int(self.delete_rate.burst))
-        for action in ("present", "absent", "rejected"):
-            self.events_received.labels(action)
-        for result in ("ok", "failed", "refused"):
-            self.events_applied.labels(result)
-        for result in ("applied", "refused", "unconfirmed"):
-            self.deletes.labels(result)
-        for reason in ("expired", "space"):
-            self.trash_purged.labels(reason)
+              registry=self.registry).set_function(self.delete_rate.burst)
+        for counter, labels in ((self.events_received, ("present", "absent", "rejected")),
+                                (self.events_applied, ("ok", "failed", "refused")),
+                                (self.deletes, ("applied", "refused", "unconfirmed")),
+                                (self.trash_purged, ("expired", "space"))):
+            for label in labels:  # every series from the start, at 0
+                counter.labels(label)
         self._broker = None
         if settings is not None:
             self._broker = _BrokerCollector(settings)
             self.registry.register(self._broker)
             self.registry.register(_NodeStateCollector(settings.nodes.this,
                                                        settings.store.state_dir))
-            self.registry.register(_RestoresCollector(settings.store.state_dir))
 
     def received(self, action: str) -> None:
         self.events_received.labels(action).inc()
@@ -189,7 +185,8 @@ class Metrics:
 
     def watch_trash(self, trash) -> None:
         """Report what ``trash`` (a ``store.trash.Trash``) holds at each collection."""
-        self.registry.register(_TrashCollector(trash))
+        state_dir = self._broker.settings.store.state_dir if self._broker else None
+        self.registry.register(_TrashCollector(trash, state_dir))
 
     def set_nodes(self, nodes) -> None:
         """Report the queues of ``nodes`` from the next collection on (SIGHUP)."""
@@ -280,10 +277,11 @@ class _NodeStateCollector:
 
 
 class _TrashCollector:
-    """What the store's trash holds, listed at collection time."""
+    """What the trash holds, and the restores logged in ``state_dir`` (if given)."""
 
-    def __init__(self, trash):
+    def __init__(self, trash, state_dir):
         self.trash = trash
+        self.state_dir = state_dir
 
     def describe(self):
         return []
@@ -291,36 +289,42 @@ class _TrashCollector:
     def collect(self):
         images = GaugeMetricFamily(f"{PREFIX}_trash_images", "Images in the store's trash.")
         size = GaugeMetricFamily(f"{PREFIX}_trash_bytes", "Bytes of the images in the trash.")
+        restored = CounterMetricFamily(f"{PREFIX}_restores", "Images put back from the trash "
+                                       "on this node (restore, reconcile).")
         try:
             count, total = self.trash.stats()
+            if self.state_dir is not None:
+                restored.add_metric([], restores.count(self.state_dir))
         except (OSError, StoreError) as exc:
-            LOG.warning("metrics: cannot list the trash: %s", exc)
+            LOG.warning("metrics: cannot read the trash or the restores: %s", exc)
             return
         images.add_metric([], count)
         size.add_metric([], total)
-        yield from (images, size)
+        yield from (images, size, restored)
 
 
-class _RestoresCollector:
-    """Images put back from the trash, from this node's log of them (any process's)."""
+class _ThreadingServer(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold up the process's exit
 
-    def __init__(self, state_dir):
-        self.state_dir = state_dir
 
-    def describe(self):
-        return []
+class _QuietHandler(simple_server.WSGIRequestHandler):
+    def log_message(self, *args) -> None:
+        """No line on stderr per scrape."""
 
-    def collect(self):
-        try:
-            count = restores.count(self.state_dir)
-        except OSError as exc:
-            LOG.warning("metrics: cannot read %s: %s", restores.path_in(self.state_dir),
-                        exc.strerror)
-            return
-        family = CounterMetricFamily(f"{PREFIX}_restores", "Images put back from the trash "
-                                     "on this node (restore, reconcile).")
-        family.add_metric([], count)
-        yield family
+
+def serve_http(address: str, port: int, registry):
+    """``registry`` at http://address:port/metrics, served by a thread; the server.
+
+    prometheus_client's own WSGI app, on a server made here: its
+    start_http_server returns nothing to stop the server with before 0.17,
+    and Debian 12 has 0.16.
+    """
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (_ThreadingServer,), {"address_family": family})
+    server = simple_server.make_server(address, port, make_wsgi_app(registry), server_class,
+                                       handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
 
 
 class Exporter:
@@ -345,9 +349,8 @@ class Exporter:
         """Serve over HTTP and keep the textfile fresh, as configured (the daemon)."""
         if self.settings.listen_port:
             try:
-                self._server, _ = start_http_server(self.settings.listen_port,
-                                                    addr=self.settings.listen_address,
-                                                    registry=self.registry)
+                self._server = serve_http(self.settings.listen_address,
+                                          self.settings.listen_port, self.registry)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve metrics on {self.settings.listen_address}:"

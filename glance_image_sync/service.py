@@ -7,9 +7,11 @@ parsed ``conf`` and the ``Settings`` read from it, or raises ``ConfigError``.
 from __future__ import annotations
 
 import importlib.metadata
+import logging as std_logging
 import os
 
 from oslo_config import cfg
+from oslo_log import handlers
 from oslo_log import log as logging
 
 from glance_image_sync import opts
@@ -72,6 +74,41 @@ def setup_logging(conf) -> None:
         # oslo.log falls back to stdout when none of these is set.
         conf.set_override("use_stderr", True)
     logging.setup(conf, PROG)
+    _replace_handlers(conf)
+
+
+class ImageJournalHandler(handlers.OSJournalHandler):
+    """oslo.log's journal handler, with a record's ``image_id`` as the field IMAGE_ID.
+
+    oslo.log sends only its own fields (code, thread, logger, and a request's
+    ids); ``journalctl IMAGE_ID=<id>`` then finds every line about one image.
+    """
+
+    custom_fields = (*handlers.OSJournalHandler.custom_fields, "image_id")
+
+
+def _replace_handlers(conf) -> None:
+    """Two handlers that oslo.log's setup put on the root logger, replaced by ours.
+
+    * its journal handler (``use_journal``), by ImageJournalHandler;
+    * its ColorHandler on stdout or stderr, unless ``log_color`` asks for it:
+      oslo.log before that option (Debian 12's 5.0.1) always used it, and it
+      ends every line with a terminal escape, which makes each of the
+      daemon's lines binary data in the journal.
+    """
+    root = std_logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is handlers.OSJournalHandler:
+            ours = ImageJournalHandler(facility=handler.facility)
+        elif type(handler) is handlers.ColorHandler and not (
+                "log_color" in conf and conf.log_color):
+            ours = std_logging.StreamHandler(handler.stream)
+        else:
+            continue
+        ours.setLevel(handler.level)
+        ours.setFormatter(handler.formatter)
+        root.removeHandler(handler)
+        root.addHandler(ours)
 
 
 def _version() -> str:

@@ -1,8 +1,9 @@
 """Fixtures for the integration tiers: a virtual host, a local cluster.
 
-Unit tests need none of this. ``-m "not cluster and not broker"`` runs only
-them; the integration tiers fail loudly (they are not skipped) when what they
-need is missing, except for root, without which they cannot run at all.
+Unit tests need none of this. ``-m "not cluster and not broker and not
+systemd"`` runs only them; the integration tiers fail loudly (they are not
+skipped) when what they need is missing, except for root, without which they
+cannot run at all.
 """
 
 import logging

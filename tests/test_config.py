@@ -1,12 +1,14 @@
 """Options, Settings, and the generated sample configuration."""
 
 import importlib.metadata
+import logging
 import pathlib
 import subprocess
 import sys
 
 import pytest
 from oslo_config import cfg
+from oslo_log import handlers, log
 
 from glance_image_sync import cmd as cli
 from glance_image_sync import service
@@ -135,3 +137,38 @@ def test_the_package_runs_as_a_module_and_says_its_version():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == importlib.metadata.version("glance-image-sync")
+
+
+def test_logs_on_a_stream_carry_no_terminal_escapes_unless_colours_are_asked_for(
+        tmp_path, capsys):
+    """oslo.log 5.0.1 (Debian 12) puts its ColorHandler on stdout whatever the options: each
+    line would end in ESC[00m, and reach the journal as binary data."""
+    conf = cfg.ConfigOpts()
+    log.register_options(conf)
+    conf([])
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        # oslo.log 5.0.1 has no log_color: no colours can be asked for.
+        for colours in (False, True) if "log_color" in conf else (False,):
+            if colours:
+                conf.set_override("log_color", True)
+            log.setup(conf, "test")
+            for handler in list(root.handlers):  # as oslo.log 5.0.1 sets itself up
+                if type(handler) is logging.StreamHandler:
+                    root.removeHandler(handler)
+                    root.addHandler(handlers.ColorHandler(handler.stream))
+            service._replace_handlers(conf)
+            logging.getLogger("test").warning("a line")
+            out = capsys.readouterr().out
+            assert out.endswith("a line\033[00m\n" if colours else "a line\n"), repr(out)
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in before:
+            root.addHandler(handler)
+
+
+def test_the_journal_handler_sends_the_image_id_beside_oslo_logs_own_fields():
+    assert set(service.ImageJournalHandler.custom_fields) == {
+        *handlers.OSJournalHandler.custom_fields, "image_id"}

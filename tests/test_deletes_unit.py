@@ -152,9 +152,9 @@ def test_the_delete_rate_counts_a_sliding_minute_and_a_burst_starts_once():
     now = [0.0]
     rate = DeleteRate(2, clock=lambda: now[0])
     assert [rate.add() for _ in range(4)] == [None, None, 3, None]
-    assert rate.burst and rate.count() == 4
+    assert rate.burst() == 1 and rate.count() == 4
     now[0] = 61.0
-    assert rate.count() == 0 and not rate.burst
+    assert rate.count() == 0 and rate.burst() == 0
     assert [rate.add() for _ in range(3)] == [None, None, 3]  # a new burst, told again
 
 

@@ -9,6 +9,7 @@ import kombu
 import pytest
 
 from glance_image_sync import cmd as cli
+from glance_image_sync.admin.tables import plural
 from glance_image_sync.broker import confirmed, topology
 from glance_image_sync.events import Action, ImageEvent
 from glance_image_sync.fanout.consumer import fanout_loop
@@ -157,18 +158,24 @@ def test_a_replay_stopped_by_the_broker_says_what_moved_and_loses_nothing(vhost,
     monkeypatch.setattr("glance_image_sync.admin.failed.CHUNK", 2)
     code, out, _ = run(vhost, tmp_path, capsys, "failed", "replay")
     assert code == 1
-    assert out.splitlines() == [
-        "2 failed events moved back from glance_image_sync.node1.failed",
-        "stopped by a broker error: timed out; the failed events not moved stay in "
-        "glance_image_sync.node1.failed",
-        "  1 failed event sent but not confirmed: kept in glance_image_sync.node1.failed, "
-        "and may have arrived too (applying an event twice changes nothing)"]
     moved = [json.loads(body)["image_id"] for body, _ in drain(vhost, node_queue)]
     still = [json.loads(body)["image_id"] for body, _ in
              drain(vhost, topology.failed_queue_name("node1"))]
-    # Nothing lost: every event is still parked or moved; only the one in doubt is in both.
-    assert set(moved) | set(still) == set(left) and len(still) == 1
-    assert len(moved) == 3 and still[0] in moved
+    # Nothing lost: every event is still parked or moved; only those in doubt are in both.
+    assert set(moved) | set(still) == set(left) and len(moved) == len(set(moved))
+    doubt = set(moved) & set(still)
+    # The second chunk's confirms may all have come in while it was published (py-amqp
+    # reads them then): its events are then moved, and none is in doubt.
+    assert len(moved) >= 2 and len(doubt) <= 2
+    lines = out.splitlines()
+    assert lines[:2] == [
+        f"{plural(len(moved) - len(doubt), 'failed event')} moved back from "
+        "glance_image_sync.node1.failed",
+        "stopped by a broker error: timed out; the failed events not moved stay in "
+        "glance_image_sync.node1.failed"]
+    assert lines[2:] == ([f"  {plural(len(doubt), 'failed event')} sent but not confirmed: "
+                          "kept in glance_image_sync.node1.failed, and may have arrived too "
+                          "(applying an event twice changes nothing)"] if doubt else [])
 
 
 def test_an_unreachable_broker_is_one_line_and_exit_1(tmp_path, capsys):

@@ -97,10 +97,16 @@ def shared_dir():
         shutil.rmtree(path)
 
 
+# What lets another user run this checkout's program: it may lie in a directory only
+# root can enter (a CI clone in mktemp -d's 0700). Reading and searching only: every
+# write the tool attempts is still refused as it would be to that user.
+READ_ANYWHERE = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+
 def as_nobody(conf, *args):
     script = os.path.join(os.path.dirname(sys.executable), "glance-image-sync")
     return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                           "--", script, "--config-file", conf, *args],
+                           *READ_ANYWHERE, "--", script, "--config-file", conf, *args],
                           capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
 

@@ -100,12 +100,14 @@ STARTERS = {
 KNOWN = {
     # rsync for the transfers and listings, and doctor's ssh to a peer.
     ("transfer/rsync.py", "run_rsync", "subprocess.Popen"),
-    # ssh -O stop: retire a kept connection before doctor checks a peer.
-    ("transfer/rsync.py", "close_master", "subprocess.run"),
     # systemctl show: doctor reads the unit's sandbox (ReadWritePaths).
     ("admin/doctor_local.py", "systemctl_show", "subprocess.run"),
     # ssh -G: how ssh names a peer in known_hosts (ssh-keys; it connects nowhere).
     ("admin/sshkeys.py", "known_host_name", "subprocess.run"),
+    # `ssh -O check|stop` on a ControlMaster's socket, so that no ssh connection to a
+    # peer outlives the process that opened it, and doctor retires one before it checks
+    # a peer (transfer/masters.py).
+    ("transfer/masters.py", "_control", "subprocess.run"),
 }
 
 

@@ -56,7 +56,14 @@ def test_restore_puts_the_image_back_checked_and_forgets_its_deletion(tmp_path, 
     assert (logged["image_id"], logged["by"], logged["publisher"]) == (
         IMAGE, "restore", "image.node2")
     metrics = Metrics(settings_for(tmp_path, **NO_BROKER))
-    assert metrics.registry.get_sample_value("glance_image_sync_restores_total") == 1
+    store = ImageStore(StoreSettings(datadir=str(images), file_mode=None,
+                                     state_dir=str(tmp_path / "state"), deleted_memory=60))
+    try:
+        metrics.watch_trash(Trash(store))
+        assert metrics.registry.get_sample_value("glance_image_sync_restores_total") == 1
+        assert metrics.registry.get_sample_value("glance_image_sync_trash_images") == 0
+    finally:
+        store.close()
 
     # Not in the trash any more: exit 1, one line, nothing changed.
     assert cli.main(["--config-file", str(config), "restore", IMAGE]) == 1

@@ -311,3 +311,21 @@ def test_an_owner_file_lives_while_its_process_has_temporaries(store):
     assert len(temp) == 1 and temp[0].startswith(f"{TEMP_PREFIX}{IMAGE}.{token}.")
     assert store.owner.file_name is None
     assert os.listdir(store.datadir) == [IMAGE]
+
+
+def test_a_check_that_cannot_lower_its_priority_says_so_once_and_still_checks(
+        store, monkeypatch, caplog):
+    # As under a system-call filter that denies setpriority.
+    def denied(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", denied)
+    monkeypatch.setattr(checksum, "_not_niced", threading.Lock())
+    (pathlib.Path(store.datadir) / IMAGE).write_bytes(DATA)
+    with caplog.at_level("WARNING", logger="glance_image_sync.store.checksum"):
+        with open(pathlib.Path(store.datadir) / IMAGE, "rb") as image:
+            assert checksum.md5_of_fd_yielding(image.fileno()) == MD5
+            assert checksum.md5_of_fd_yielding(image.fileno()) == MD5
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "normal CPU priority" in warnings[0] and "setpriority" in warnings[0]

@@ -11,9 +11,9 @@ import pytest
 from glance_image_sync.exceptions import Rejected, TransferFailed
 from glance_image_sync.settings import TransferSettings
 from glance_image_sync.transfer import listing
+from glance_image_sync.transfer.masters import close_master
 from glance_image_sync.transfer.rsync import (
     CONTROL_DIR_MAX,
-    close_master,
     first_line,
     remote_path,
     rsync_argv,

@@ -31,7 +31,8 @@ from glance_image_sync.admin.checks import failed, passed, skipped
 from glance_image_sync.admin.tables import plural
 from glance_image_sync.exceptions import TransferFailed
 from glance_image_sync.transfer import listing
-from glance_image_sync.transfer.rsync import close_master, first_line, run_rsync, ssh_argv
+from glance_image_sync.transfer.masters import close_master
+from glance_image_sync.transfer.rsync import first_line, run_rsync, ssh_argv
 
 OTHER = {"absolute": "relative", "relative": "absolute"}
 

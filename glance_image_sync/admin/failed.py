@@ -83,7 +83,11 @@ def move(connection, source: str, nodes, choose, target_of, chunk: int | None = 
                 return result
     except broker.ERRORS as exc:
         result.error = str(exc) or type(exc).__name__
-        result.in_doubt = batch.publisher.pending
+        # What the broker confirmed before the failure is moved, if its ack can
+        # still be sent; the rest is in doubt.
+        with contextlib.suppress(*broker.ERRORS):
+            batch.run_settled()
+        result.in_doubt = batch.unsettled
         return result
     finally:
         with contextlib.suppress(*broker.ERRORS):

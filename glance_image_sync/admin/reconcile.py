@@ -315,18 +315,20 @@ def main(args, settings, out=None) -> int:
         store = ImageStore(settings.store)
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
+    rsync = Rsync(settings.transfer)
     try:
         try:
             tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
         except OSError as exc:
             raise ConfigError(f"cannot read the deleted images in {settings.store.state_dir}: "
                               f"{exc.strerror}") from None
-        reconciler = Reconciler(settings, store, Rsync(settings.transfer), tombstones,
+        reconciler = Reconciler(settings, store, rsync, tombstones,
                                 min_age=args.min_age, progress=Progress() if acting else None)
         survey = reconciler.survey()
         if acting:
             reconciler.act(survey, fix=args.fix, prune=args.prune)
     finally:
+        rsync.close()  # its ssh connections to peers, and the listings'
         store.close()
     out.write(render_json(survey) if args.format == "json" else render_table(survey))
     return EXIT_OK if survey.ok else EXIT_FAILED

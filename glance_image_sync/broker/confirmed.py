@@ -35,11 +35,25 @@ class Batch:
 
     def wait(self, timeout: float = SETTLE_TIMEOUT) -> None:
         while True:
-            while self._settled:
-                self._settled.popleft()()
+            self.run_settled()
             if not self.publisher.pending:
                 return
             self.connection.drain_events(timeout=timeout)
+
+    def run_settled(self) -> None:
+        """Run the ``on_done`` of every publish the broker has settled so far.
+
+        One that raises (an ack on a channel that died) stays, and counts as
+        ``unsettled``.
+        """
+        while self._settled:
+            self._settled[0]()
+            self._settled.popleft()
+
+    @property
+    def unsettled(self) -> int:
+        """Publishes whose outcome was not acted on: in doubt after a failure."""
+        return self.publisher.pending + len(self._settled)
 
     def close(self) -> None:
         with contextlib.suppress(*ERRORS):  # a dead connection closed it already

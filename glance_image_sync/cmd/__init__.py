@@ -20,7 +20,9 @@ another one running exits 0.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from oslo_config import cfg
 
@@ -41,6 +43,8 @@ COMMAND_OPT = cfg.SubCommandOpt("command", title="commands", handler=_add_comman
 
 def main(argv=None) -> int:
     conf = cfg.ConfigOpts()
+    handling = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if handling else None
     try:
         settings = service.prepare(conf, sys.argv[1:] if argv is None else argv, COMMAND_OPT)
         return conf.command.run(conf, settings)
@@ -50,3 +54,16 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if handling:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, _frame):
+    """SIGTERM as an exit that runs the cleanup on the way out.
+
+    Left to its default, SIGTERM ends the process at once: a cron run or a
+    ``reconcile`` would leave its ssh connections to peers open (and rsync
+    temporaries for the next run to remove). The daemon handles it itself.
+    """
+    raise SystemExit(128 + signum)

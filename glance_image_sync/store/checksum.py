@@ -11,7 +11,11 @@ import hashlib
 import os
 import threading
 
+from oslo_log import log as logging
+
 from glance_image_sync.store import libc
+
+LOG = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
 
@@ -92,6 +96,16 @@ def md5_of_fd(fd: int) -> str:
 
 # The nice value of a check of a copy already in place.
 CHECK_NICENESS = 19
+# Taken by the first check that cannot lower its priority, and never released:
+# that is said once per process.
+_not_niced = threading.Lock()
+
+
+def _warn_once_not_niced(exc: OSError) -> None:
+    if _not_niced.acquire(blocking=False):
+        LOG.warning("checks of images already in place run at normal CPU priority: "
+                    "setpriority(%d) failed (%s); under systemd, let the unit's "
+                    "SystemCallFilter allow setpriority", CHECK_NICENESS, exc)
 
 
 def md5_of_fd_yielding(fd: int) -> str:
@@ -107,8 +121,8 @@ def md5_of_fd_yielding(fd: int) -> str:
     def check():
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
-        except OSError:
-            pass  # only slower to yield
+        except OSError as exc:  # the check runs all the same, only without yielding
+            _warn_once_not_niced(exc)
         try:
             result["md5"] = md5_of_fd(fd)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread

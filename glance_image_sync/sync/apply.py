@@ -27,6 +27,12 @@ from glance_image_sync.store.trash import Cause
 LOG = logging.getLogger(__name__)
 
 
+def _about(image_id: str) -> dict:
+    """A log record's extra fields: the image id as a field of its own (the
+    journal's IMAGE_ID with ``use_journal``)."""
+    return {"image_id": image_id}
+
+
 @dataclass(frozen=True)
 class Outcome:
     ok: bool
@@ -75,7 +81,8 @@ class ImageSync:
         else:
             refused = None
         if refused is not None:
-            LOG.error("image %s: not deleted on %s: %s", image_id, self.nodes.this, refused)
+            LOG.error("image %s: not deleted on %s: %s", image_id, self.nodes.this, refused,
+                      extra=_about(image_id))
             return Outcome(True, str(refused))
         self.store.remove_temporaries(image_id)
         if not removed:
@@ -84,7 +91,7 @@ class ImageSync:
         detail = "moved to the trash" if self.trash is not None else "deleted"
         LOG.info("image %s: %s on %s (%s, message %s, published by %s)", image_id, detail,
                  self.nodes.this, event.event_type or "ensure-absent", event.message_id,
-                 event.publisher or event.source)
+                 event.publisher or event.source, extra=_about(image_id))
         return Outcome(True, detail, changed=True)
 
     def _ask_glance(self, event) -> Outcome | None:
@@ -97,7 +104,7 @@ class ImageSync:
             LOG.error("image %s: delete refused on %s: %s (%s); %s, message %s, published by "
                       "%s, dead-lettered", event.image_id, self.nodes.this, REFUSED,
                       answer.detail, event.event_type, event.message_id,
-                      event.publisher or event.source)
+                      event.publisher or event.source, extra=_about(event.image_id))
             return Outcome(False, f"{REFUSED} ({answer.detail})", refused=True)
         self._count_delete("unconfirmed")
         # Neither lost nor applied blindly: retried as a failed attempt, the file in place.
@@ -128,26 +135,29 @@ class ImageSync:
         image_id = event.image_id
         if image_id in self.tombstones:
             LOG.info("image %s: was deleted on %s; %s ignored", image_id, self.nodes.this,
-                     event.event_type or "ensure-present")
+                     event.event_type or "ensure-present", extra=_about(image_id))
             return Outcome(True, "deleted earlier")
         if self.store.verify(image_id, event.size, event.checksum):
-            LOG.debug("image %s: already in place and verified on %s", image_id, self.nodes.this)
+            LOG.debug("image %s: already in place and verified on %s", image_id, self.nodes.this,
+                      extra=_about(image_id))
             return Outcome(True, "already in place")
         errors = []
         for node in self.nodes.sources_for(event.source):
             LOG.info("image %s: fetching from %s to %s (%d bytes)", image_id, node,
-                     self.nodes.this, event.size)
+                     self.nodes.this, event.size, extra=_about(image_id))
             failure = self._fetch(node, event)
             if failure is None:
                 LOG.info("image %s: installed and verified on %s (from %s)", image_id,
-                         self.nodes.this, node)
+                         self.nodes.this, node, extra=_about(image_id))
                 return Outcome(True, f"installed from {node}", changed=True)
             if isinstance(failure, TransferCancelled):
                 return Outcome(False, "cancelled", cancelled=True)
             if isinstance(failure, DiskFull) or getattr(failure, "disk_full", False):
-                LOG.error("image %s: disk full on %s: %s", image_id, self.nodes.this, failure)
+                LOG.error("image %s: disk full on %s: %s", image_id, self.nodes.this, failure,
+                          extra=_about(image_id))
                 return Outcome(False, f"disk full: {failure}")
-            LOG.warning("image %s: copy from %s failed: %s", image_id, node, failure)
+            LOG.warning("image %s: copy from %s failed: %s", image_id, node, failure,
+                        extra=_about(image_id))
             errors.append(f"{node}: {failure}")
         if not errors:
             errors.append("no peer to fetch from")

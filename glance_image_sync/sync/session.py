@@ -23,6 +23,7 @@ from glance_image_sync.sync.apply import ImageSync
 from glance_image_sync.sync.ordering import OrderedDispatcher
 from glance_image_sync.sync.trashkeeper import TrashKeeper
 from glance_image_sync.sync.worker import SyncWorker
+from glance_image_sync.transfer import masters
 from glance_image_sync.transfer.sessions import Rsync
 
 LOG = logging.getLogger(__name__)
@@ -30,7 +31,10 @@ LOG = logging.getLogger(__name__)
 
 @contextmanager
 def sync_loop(settings, stop_event=None, once=False):
-    """A ready sync worker's loop; temporaries of a killed run are removed first.
+    """A ready sync worker's loop; what a killed run left is cleaned up first.
+
+    Its temporaries are removed and its ssh connections to peers closed; at
+    the end, ours are.
 
     Call while holding the run lock (one worker per node). Other processes
     may write into the store meanwhile (``reconcile --fix``): the sweeps at
@@ -50,6 +54,7 @@ def sync_loop(settings, stop_event=None, once=False):
         for name in store.remove_temporaries():
             LOG.warning("removed %s, left in %s by an interrupted transfer", name,
                         settings.store.datadir)
+        masters.close_all(rsync.settings)
         tombstones = Tombstones(settings.store.state_dir, settings.store.deleted_memory)
         tombstones.prune()
         records = ImageRecords(settings.store.state_dir, settings.store.deleted_memory)
@@ -76,6 +81,7 @@ def sync_loop(settings, stop_event=None, once=False):
             keeper.stop()
         rsync.cancel_all()
         dispatcher.shutdown()
+        rsync.close()
         for name in store.remove_temporaries():
             LOG.info("removed %s of an abandoned transfer", name)
         store.close()

@@ -61,7 +61,7 @@ def ssh_argv(settings) -> list:
         # last transfer: no handshake (and no sshd start) per image. A peer that
         # dies is noticed by its keepalives within 15 s.
         ssh += ["-o", "ControlMaster=auto",
-                "-o", f"ControlPath={_control_path(settings)}",
+                "-o", f"ControlPath={control_path(settings)}",
                 "-o", f"ControlPersist={settings.control_persist}",
                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     if settings.ssh_config_file:
@@ -74,33 +74,9 @@ def ssh_command(settings) -> str:
     return " ".join(ssh_argv(settings))
 
 
-def _control_path(settings) -> str:
+def control_path(settings) -> str:
+    """ssh's ControlPath for the kept connections (``%C``: one per peer and user)."""
     return f"{settings.control_dir}/ssh-%C"
-
-
-def close_master(settings, node: str) -> bool:
-    """Retire the kept ssh connection to ``node`` (``ssh_control_persist``), if any.
-
-    A kept connection was authenticated when it was opened: until it goes, a
-    key revoked on the peer keeps working for it. ``ssh -O stop`` (not
-    ``exit``) makes it stop taking new sessions and leave once its running
-    ones end, so a transfer running beside ``doctor`` is not cut off; the next
-    transfer logs in afresh. True if a connection was there.
-    """
-    if not settings.control_dir:
-        return False
-    argv = ["ssh", "-o", f"ControlPath={_control_path(settings)}"]
-    if settings.ssh_config_file:
-        argv += ["-F", settings.ssh_config_file]  # the same %C as the transfers' ssh
-    argv += ["-O", "stop", "--", f"{settings.user}@{node}"]
-    LOG.debug("running %s", argv)
-    try:
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                env=subprocess_env(), timeout=settings.connect_timeout + 5)
-    except subprocess.TimeoutExpired:
-        return False
-    # 255 and "No such file or directory": there was no kept connection.
-    return result.returncode == 0
 
 
 def rsync_argv(settings, node: str, image_ids, dest: str) -> list:

@@ -18,6 +18,7 @@ from oslo_log import log as logging
 from glance_image_sync import events
 from glance_image_sync.exceptions import TransferCancelled, TransferFailed
 from glance_image_sync.store.owner import batch_name_beside
+from glance_image_sync.transfer import masters
 from glance_image_sync.transfer.rsync import (
     first_line,
     kill_group,
@@ -167,6 +168,11 @@ class Rsync:
             self._lock.notify_all()
         for proc in running:
             kill_group(proc)
+
+    def close(self) -> None:
+        """Stop every transfer, then close the ssh connections kept to peers."""
+        self.cancel_all()
+        masters.close_all(self.settings)
 
 
 def _make_staging(wanted: dict) -> str:
