@@ -28,6 +28,7 @@ What must hold for every message:
 """
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -250,7 +251,9 @@ def mutated(draw, doc, fields, nested=None):
         if draw(st.integers(min_value=0, max_value=9)) == 0:
             where.pop(name, None)
         else:
-            where[name] = draw(hostile_for(name))
+            # A copy: sampled_from hands out one shared object, which a later mutation
+            # would change, in every example, and could put inside itself.
+            where[name] = copy.deepcopy(draw(hostile_for(name)))
     return doc
 
 
