@@ -31,6 +31,10 @@ def append(state_dir: str, doc: dict) -> None:
     fd = os.open(path_in(state_dir), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC, 0o644)
     try:
+        if os.geteuid() == 0:  # a restore as root: the daemon's user may append later
+            owner = os.stat(state_dir)
+            if os.fstat(fd).st_uid != owner.st_uid:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
         os.write(fd, line)
         os.fsync(fd)
     finally:
