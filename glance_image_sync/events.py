@@ -22,6 +22,8 @@ from glance_image_sync.exceptions import Rejected
 # stays far below it.
 MAX_BODY_BYTES = 1024 * 1024
 MAX_SIZE = 2**63 - 1  # off_t
+# Fields added since (an ensure-absent event's size and md5, the publisher) are
+# optional: a node of an older version ignores them, and reads the rest as before.
 WIRE_VERSION = 1
 
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
@@ -46,7 +48,11 @@ class ImageEvent:
     """Ensure one image is present (verified) or absent on a node.
 
     ``source`` is the node that published the event, or None when the
-    publisher named no node (then any peer with a verified copy serves).
+    publisher named no node (then any peer with a verified copy serves);
+    ``publisher`` is the notification's ``publisher_id`` as it came (checked
+    text, for the record of who asked). An ensure-absent event may carry the
+    size and md5 that Glance's delete notification gave (or None): what the
+    trash records when this node never verified the file itself.
     """
 
     action: Action
@@ -57,11 +63,13 @@ class ImageEvent:
     event_type: str = ""
     message_id: str | None = None
     timestamp: str | None = None
+    publisher: str | None = None
 
     def __post_init__(self):
         image_id(self.image_id)
-        if self.action is Action.PRESENT:
+        if self.action is Action.PRESENT or self.checksum is not None:
             checksum(self.checksum)
+        if self.action is Action.PRESENT or self.size is not None:
             size(self.size)
 
     def to_wire(self) -> bytes:
@@ -76,6 +84,7 @@ class ImageEvent:
                 "event_type": self.event_type,
                 "message_id": self.message_id,
                 "timestamp": self.timestamp,
+                "publisher": self.publisher,
             },
             sort_keys=True,
         ).encode()
@@ -100,15 +109,20 @@ def from_wire(body: bytes, nodes) -> ImageEvent:
         # A node this one does not know (api_nodes changed on one node before the
         # other): fetched from the peers, never from a host outside api_nodes.
         source = nodes.resolve(canonical)
+    # An ensure-absent event's size and md5 are optional (a fan-out before they
+    # were carried sends neither); present, they are checked like any other.
+    optional = action is Action.ABSENT
     return ImageEvent(
         action=action,
         image_id=image_id(doc.get("image_id")),
         source=source,
-        checksum=checksum(doc.get("checksum")) if action is Action.PRESENT else None,
-        size=size(doc.get("size")) if action is Action.PRESENT else None,
+        checksum=None if optional and doc.get("checksum") is None
+        else checksum(doc.get("checksum")),
+        size=None if optional and doc.get("size") is None else size(doc.get("size")),
         event_type=optional_text(doc.get("event_type"), "event_type"),
         message_id=optional_text(doc.get("message_id"), "message_id") or None,
         timestamp=optional_text(doc.get("timestamp"), "timestamp") or None,
+        publisher=optional_text(doc.get("publisher"), "publisher") or None,
     )
 
 

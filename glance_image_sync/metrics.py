@@ -13,7 +13,11 @@ as it goes:
 ``glance_image_sync_transferred_bytes_total{peer}``
     bytes of the copies that were installed;
 ``glance_image_sync_transfer_seconds``
-    histogram of the time each installed copy took.
+    histogram of the time each installed copy took;
+``..._deletes_total{result}``, ``..._trash_purged_total{reason}``, ``..._deletes_last_minute``,
+``..._delete_burst``
+    deletes ``applied``, ``refused`` or ``unconfirmed``; purges ``expired`` or
+    for ``space``; deletes in the last 60 s, and 1 while more than the threshold.
 
 What is read when the metrics are collected (a scrape, or a textfile write):
 
@@ -27,7 +31,10 @@ What is read when the metrics are collected (a scrape, or a textfile write):
     from this node's state file, so a cron run that applied nothing still
     reports when the last one did; no sample before the first. ``node`` is
     this node's name in api_nodes, as in its queue's name, so an alert can
-    join the two (etc/prometheus/glance-image-sync-rules.yml).
+    join the two (etc/prometheus/glance-image-sync-rules.yml);
+``..._trash_images``, ``..._trash_bytes``, ``..._restores_total``
+    the trash now; images put back from it (by ``restore`` or ``reconcile``,
+    processes of their own: counted from their log, ``state.restores``).
 
 Both ways out are off by default: ``Exporter`` serves them over HTTP from the
 daemon (``metrics_listen_port``, on loopback unless ``metrics_listen_address``
@@ -38,6 +45,7 @@ daemon. prometheus_client writes it to a temporary name and renames it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import socket
 import socketserver
@@ -50,11 +58,12 @@ from oslo_log import log as logging
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     make_wsgi_app,
     write_to_textfile,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from glance_image_sync.broker import queues as queuestats
 from glance_image_sync.exceptions import (
@@ -62,9 +71,11 @@ from glance_image_sync.exceptions import (
     BrokerUnavailable,
     ConfigError,
     NodeStateError,
+    StoreError,
     TransferCancelled,
 )
-from glance_image_sync.state import nodestate
+from glance_image_sync.settings import DeleteSettings
+from glance_image_sync.state import nodestate, restores
 
 LOG = logging.getLogger(__name__)
 
@@ -75,12 +86,41 @@ TEXTFILE_EVERY = 30.0
 TRANSFER_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 
 
+class DeleteRate:
+    """Deletes within the last minute, and whether that is more than ``threshold``."""
+
+    WINDOW = 60.0
+
+    def __init__(self, threshold: int, clock=time.monotonic):
+        self.threshold = threshold
+        self.clock = clock
+        self._times = collections.deque()
+        self._lock = threading.RLock()  # count() runs on the scrape's thread too
+
+    def add(self) -> int | None:
+        """Count one delete; the count when it starts a burst (crosses the threshold)."""
+        with self._lock:
+            self._times.append(self.clock())
+            count = self.count()
+        return count if count == self.threshold + 1 else None
+
+    def count(self) -> int:
+        with self._lock:
+            cutoff = self.clock() - self.WINDOW
+            while self._times and self._times[0] <= cutoff:
+                self._times.popleft()
+            return len(self._times)
+
+    def burst(self) -> int:
+        return int(self.count() > self.threshold)  # a gauge: 1 or 0
+
+
 class Metrics:
     """The metrics of one process; ``settings`` None counts only (no broker, no state file).
 
-    The sync worker calls three hooks: ``received(action)`` when it reads an
-    event, ``applied(outcome)`` when an attempt to apply one ends, and
-    ``transfer(peer, size)`` around each fetch.
+    The sync worker's hooks: ``received(action)`` when it reads an event,
+    ``applied(outcome)`` when an attempt to apply one ends, ``transfer(peer,
+    size)`` around each fetch, ``deleted(result)`` and ``purged(reason)``.
     """
 
     def __init__(self, settings=None):
@@ -100,10 +140,26 @@ class Metrics:
         self.transfer_seconds = Histogram(
             f"{PREFIX}_transfer_seconds", "Seconds each installed copy took to fetch and verify.",
             buckets=TRANSFER_BUCKETS, registry=self.registry)
-        for action in ("present", "absent", "rejected"):
-            self.events_received.labels(action)
-        for result in ("ok", "failed"):
-            self.events_applied.labels(result)
+        self.deletes = Counter(
+            f"{PREFIX}_deletes", "Deletes: applied (moved to the trash, or removed), refused "
+            "(still active in Glance), unconfirmed (Glance's API could not tell; retried).",
+            ["result"], registry=self.registry)
+        self.trash_purged = Counter(
+            f"{PREFIX}_trash_purged", "Images purged from the trash, by reason (expired, space).",
+            ["reason"], registry=self.registry)
+        deletes = settings.deletes if settings is not None else DeleteSettings()
+        self.delete_rate = DeleteRate(deletes.alarm_threshold)
+        Gauge(f"{PREFIX}_deletes_last_minute", "Deletes applied or refused in the last 60 s.",
+              registry=self.registry).set_function(self.delete_rate.count)
+        Gauge(f"{PREFIX}_delete_burst", "1 while more deletes than delete_alarm_threshold "
+              "were applied or refused in the last 60 s, else 0.",
+              registry=self.registry).set_function(self.delete_rate.burst)
+        for counter, labels in ((self.events_received, ("present", "absent", "rejected")),
+                                (self.events_applied, ("ok", "failed", "refused")),
+                                (self.deletes, ("applied", "refused", "unconfirmed")),
+                                (self.trash_purged, ("expired", "space"))):
+            for label in labels:  # every series from the start, at 0
+                counter.labels(label)
         self._broker = None
         if settings is not None:
             self._broker = _BrokerCollector(settings)
@@ -115,8 +171,23 @@ class Metrics:
         self.events_received.labels(action).inc()
 
     def applied(self, outcome) -> None:
-        if not outcome.cancelled:  # a shutdown: the event is delivered again
-            self.events_applied.labels("ok" if outcome.ok else "failed").inc()
+        if outcome.cancelled:  # a shutdown: the event is delivered again
+            return
+        result = "refused" if outcome.refused else "ok" if outcome.ok else "failed"
+        self.events_applied.labels(result).inc()
+
+    def deleted(self, result: str) -> int | None:
+        """Count a delete by result; the count of the last minute when a burst starts."""
+        self.deletes.labels(result).inc()
+        return self.delete_rate.add() if result in ("applied", "refused") else None
+
+    def purged(self, reason: str) -> None:
+        self.trash_purged.labels(reason).inc()
+
+    def watch_trash(self, trash) -> None:
+        """Report what ``trash`` (a ``store.trash.Trash``) holds at each collection."""
+        state_dir = self._broker.settings.store.state_dir if self._broker else None
+        self.registry.register(_TrashCollector(trash, state_dir))
 
     def set_nodes(self, nodes) -> None:
         """Report the queues of ``nodes`` from the next collection on (SIGHUP)."""
@@ -204,6 +275,33 @@ class _NodeStateCollector:
         if failure is not None:
             LOG.warning("metrics: %s", failure)
         yield from (success, error)
+
+
+class _TrashCollector:
+    """What the trash holds, and the restores logged in ``state_dir`` (if given)."""
+
+    def __init__(self, trash, state_dir):
+        self.trash = trash
+        self.state_dir = state_dir
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        images = GaugeMetricFamily(f"{PREFIX}_trash_images", "Images in the store's trash.")
+        size = GaugeMetricFamily(f"{PREFIX}_trash_bytes", "Bytes of the images in the trash.")
+        restored = CounterMetricFamily(f"{PREFIX}_restores", "Images put back from the trash "
+                                       "on this node (restore, reconcile).")
+        try:
+            count, total = self.trash.stats()
+            if self.state_dir is not None:
+                restored.add_metric([], restores.count(self.state_dir))
+        except (OSError, StoreError) as exc:
+            LOG.warning("metrics: cannot read the trash or the restores: %s", exc)
+            return
+        images.add_metric([], count)
+        size.add_metric([], total)
+        yield from (images, size, restored)
 
 
 class _ThreadingServer(socketserver.ThreadingMixIn, simple_server.WSGIServer):

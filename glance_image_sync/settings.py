@@ -80,6 +80,13 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class DeleteSettings:
+    grace: int = 24 * 3600  # seconds in the trash; 0: removed at once
+    min_free_percent: int = 10  # below this share free, the trash is purged early
+    alarm_threshold: int = 20  # more deletes than this in a minute: an alarm
+
+
+@dataclass(frozen=True)
 class TransferSettings:
     user: str
     ssh_config_file: str | None
@@ -134,6 +141,7 @@ class Settings:
     max_attempts: int
     metrics: MetricsSettings = MetricsSettings()
     glance_api: GlanceApiSettings = GlanceApiSettings()
+    deletes: DeleteSettings = DeleteSettings()
 
     @classmethod
     def from_conf(cls, conf) -> Settings:
@@ -187,6 +195,7 @@ class Settings:
                 textfile=_textfile(conf.metrics_textfile),
             ),
             glance_api=glance_api_settings(conf),
+            deletes=_deletes(conf),
         )
 
 
@@ -267,6 +276,17 @@ def glance_api_settings(conf) -> GlanceApiSettings:
         raise ConfigError(f"[{opts.AUTH_GROUP}]: {exc}") from None
     return GlanceApiSettings(auth=auth, session=session, region_name=api.region_name,
                              interface=api.interface, endpoint_override=api.endpoint_override)
+
+
+def _deletes(conf) -> DeleteSettings:
+    if conf.deleted_image_grace > conf.deleted_image_memory:
+        # A trashed image whose deletion is forgotten could be fetched back by a
+        # late upload event while a peer still holds it.
+        raise ConfigError(f"deleted_image_grace ({conf.deleted_image_grace} s) must not be "
+                          f"longer than deleted_image_memory ({conf.deleted_image_memory} s)")
+    return DeleteSettings(grace=conf.deleted_image_grace,
+                          min_free_percent=conf.trash_min_free_percent,
+                          alarm_threshold=conf.delete_alarm_threshold)
 
 
 def kombu_urls(transport_url: str) -> list:

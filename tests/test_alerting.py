@@ -25,7 +25,7 @@ RULES = ROOT / "etc/prometheus/glance-image-sync-rules.yml"
 RULES_TEST = ROOT / "tests/prometheus/rules-test.yml"
 ALERTS = {"GlanceImageSyncBacklogGrowing", "GlanceImageSyncEventsFailed",
           "GlanceImageSyncDeadLetters", "GlanceImageSyncNoSuccess", "GlanceImageSyncBrokerDown",
-          "GlanceImageSyncBrokerUnreachable"}
+          "GlanceImageSyncBrokerUnreachable", "GlanceImageSyncMassDelete"}
 PROMQL_WORDS = {"by", "on", "and", "or", "unless", "offset", "without", "ignoring",
                 "group_left", "group_right", "bool", "sum", "min", "max", "avg", "count",
                 "group", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values"}

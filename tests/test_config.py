@@ -56,6 +56,12 @@ def test_legacy_configuration_still_works(tmp_path):
      "ssh_control_persist needs a state_dir without spaces"),
     ("api_nodes = node1\nhost = node1\nssh_ciphers = aes128-ctr,x -oProxyCommand=id\n",
      "not the name of an ssh cipher"),
+    ("api_nodes = node1\nhost = node1\ndeleted_image_grace = 90000\n"
+     "deleted_image_memory = 86400\n", "must not be longer than deleted_image_memory"),
+    ("api_nodes = node1\nhost = node1\ntrash_min_free_percent = 95\n",
+     "trash_min_free_percent"),
+    ("api_nodes = node1\nhost = node1\ndelete_alarm_threshold = 0\n",
+     "delete_alarm_threshold"),
 ])
 def test_bad_values_are_refused_at_start_up_with_a_reason(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

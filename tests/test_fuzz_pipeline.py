@@ -28,6 +28,7 @@ What must hold for every message:
 """
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -52,6 +53,7 @@ from glance_image_sync.nodes import Nodes
 from glance_image_sync.settings import StoreSettings, TransferSettings
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import TEMP_PREFIX, ImageStore
+from glance_image_sync.store.trash import TRASH_DIR, Trash
 from glance_image_sync.sync.apply import ImageSync, Outcome
 from glance_image_sync.transfer.sessions import Rsync
 
@@ -249,7 +251,9 @@ def mutated(draw, doc, fields, nested=None):
         if draw(st.integers(min_value=0, max_value=9)) == 0:
             where.pop(name, None)
         else:
-            where[name] = draw(hostile_for(name))
+            # A copy: sampled_from hands out one shared object, which a later mutation
+            # would change, in every example, and could put inside itself.
+            where[name] = copy.deepcopy(draw(hostile_for(name)))
     return doc
 
 
@@ -429,7 +433,8 @@ class Node:
                                               state_dir=str(self.state), deleted_memory=3600))
         self.tombstones = Tombstones(str(self.state), 3600)
         (self.state / "deleted" / DELETED[0]).touch()
-        self.sync = ImageSync(NODES, self.store, self.rsync, self.tombstones)
+        self.sync = ImageSync(NODES, self.store, self.rsync, self.tombstones,
+                              trash=Trash(self.store))
         return self
 
     def _install(self, image_id, data):
@@ -608,7 +613,14 @@ def check_store_after(before: dict, after: dict, node: Node, image_id: str) -> N
             tombstone = name[len("deleted" + os.sep):]
             assert name == os.path.join("deleted", tombstone) and tombstone == image_id, path
             continue
-        assert top == images and os.sep not in name, f"{path} changed outside the store"
+        assert top == images, f"{path} changed outside the store"
+        trashed = os.path.join(TRASH_DIR, image_id)
+        if name in (TRASH_DIR, trashed, trashed + ".json"):  # a delete: moved to the trash
+            if name == trashed and path in after:
+                moved = before.get(os.path.join(images, image_id))
+                assert moved is not None and after[path][6] == moved[6], path
+            continue
+        assert os.sep not in name, f"{path} changed in a directory of the store"
         assert name == image_id, f"{path} changed, but the event named {image_id}"
         if path in after:
             kind, mode, uid, gid, size, _, content = after[path]

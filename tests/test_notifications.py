@@ -73,10 +73,23 @@ def test_fixture_gives_the_right_event(name):
     assert result.image_id == image[0]
     assert result.source == "node1"
     assert result.message_id
+    assert result.publisher in ("image.node1", "node1")  # the publisher_id, as it came
     if kind == PRESENT:
         assert (result.action, result.checksum, result.size) == (Action.PRESENT, *image[1:])
-    else:
+    elif name == "legacy/legacy_essex_messages.json[2]":  # the bare id: nothing more to keep
         assert (result.action, result.checksum, result.size) == (Action.ABSENT, None, None)
+    else:
+        # What Glance's delete says of the file goes along, for the trash's record.
+        assert (result.action, result.checksum, result.size) == (Action.ABSENT, *image[1:])
+
+
+def test_a_deletes_malformed_size_or_md5_is_dropped_and_the_delete_kept():
+    message = json.loads(json.loads(body_of("real-glance-33/09-image.delete.json"))
+                         ["oslo.message"])
+    message["payload"].update(checksum="not an md5", size="4194304")
+    result = notifications.parse(_v2(message), NODES)
+    assert (result.action, result.image_id) == (Action.ABSENT, PROBE[0])
+    assert (result.checksum, result.size) == (None, None)
 
 
 def _v2(message: dict) -> bytes:

@@ -80,10 +80,12 @@ def test_prune_removes_only_what_a_tombstone_or_glance_calls_gone(cluster):
 
         code, doc, _ = reconcile(node1, "--prune", "--min-age", "0")
         found = actions(doc)
-        assert found[unknown] == "removed: Glance's API: no such image (404)"
-        assert found[deleted] == "removed: Glance's API: status deleted"
-        assert found[tombstoned] == "removed: deleted on this node earlier"
+        # Into the trash, as a delete: evidence can be wrong ('restore' puts one back).
+        assert found[unknown] == "moved to the trash: Glance's API: no such image (404)"
+        assert found[deleted] == "moved to the trash: Glance's API: status deleted"
+        assert found[tombstoned] == "moved to the trash: deleted on this node earlier"
         assert not any(node1.path(i).exists() for i in (unknown, deleted, tombstoned))
+        assert node1.trashed() == sorted((unknown, deleted, tombstoned))
         assert node1.has(live, live_md5)
 
         # Credentials that cannot see every project's images: Glance calls an image every

@@ -77,6 +77,9 @@ def test_show_tells_what_this_node_knows_of_an_image(cluster):
     code, doc = show(node2, image_id)
     assert doc["on_disk"] is None and doc["deleted"] is not None
     assert (doc["last_event"]["event_type"], doc["last_event"]["detail"]) == (
-        "image.delete", "deleted")
+        "image.delete", "moved to the trash")
+    assert (doc["trash"]["event_type"], doc["trash"]["publisher"]) == ("image.delete",
+                                                                       "image.node1")
     text = node2.run("show", image_id).stdout
     assert "on disk:    no such file" in text and "deleted:    yes, remembered since" in text
+    assert "trash:      trashed " in text and "published by image.node1" in text

@@ -72,6 +72,10 @@ def main() -> int:
         say(f"  gone from every node {time.monotonic() - published:.2f} s after the "
             "notification")
         show_stores(cluster, image_id)
+        say("  kept in the trash of node1 and node3 for deleted_image_grace (24 h), where "
+            "'glance-image-sync restore' would take it back from: "
+            + ", ".join(f"{node.name} {'yes' if image_id in node.trashed() else 'no'}"
+                        for node in cluster.nodes))
         say("what node3's daemon logged:")
         for line in cluster["node3"].log.read_text().splitlines():
             if image_id in line:

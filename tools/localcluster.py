@@ -36,6 +36,8 @@ DATADIR = "/var/lib/glance/images"
 SSH_PORT = 2222
 BROKER = "127.0.0.1:5672"
 FIXTURE = ROOT / "tests/fixtures/notifications/real-glance-33/04-image.upload.json"
+# Where a node's deletes go for deleted_image_grace (glance_image_sync.store.trash).
+TRASH_DIR = ".glance-image-sync-trash"
 # Installed images get the owner of the datadir; these ids need no user.
 STORE_UID = STORE_GID = 4242
 # What README.rst tells operators to put before the peers' key in authorized_keys: rsync
@@ -266,7 +268,14 @@ class Node:
         return path.is_file() and (md5 is None or md5_of(path) == md5)
 
     def files(self) -> list:
-        return sorted(os.listdir(self.images))
+        """Every name in the store but its trash directory (see ``trashed``)."""
+        return sorted(name for name in os.listdir(self.images) if name != TRASH_DIR)
+
+    def trashed(self) -> list:
+        """The images in the store's trash (their records left out)."""
+        trash = self.images / TRASH_DIR
+        return sorted(name for name in os.listdir(trash) if not name.endswith(".json")) \
+            if trash.is_dir() else []
 
     def contents(self) -> dict:
         """{image file: md5} of the store, temporaries left out."""

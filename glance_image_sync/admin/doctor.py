@@ -5,6 +5,8 @@ one line with PASS, FAIL (and what to do about it) or SKIP (and why):
 
 * this node (``doctor_local``): the image store, ``state_dir``, free space,
   and under systemd the unit's sandbox;
+* what protects its images from a delete that should not be (``doctor_deletes``):
+  Glance's API, the trash, or nothing;
 * the broker and Glance's queue (``doctor_broker``);
 * each peer, over ssh and rsync as the transfers reach it (``doctor_peers``).
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 
-from glance_image_sync.admin import doctor_broker, doctor_local, doctor_peers
+from glance_image_sync.admin import doctor_broker, doctor_deletes, doctor_local, doctor_peers
 from glance_image_sync.admin.checks import FAIL, PASS, SKIP, running_as
 from glance_image_sync.admin.tables import plural
 from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK
@@ -27,6 +29,7 @@ from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK
 
 def gather(settings, unit=None, environ=None) -> list:
     return (doctor_local.checks(settings, unit, environ)
+            + doctor_deletes.checks(settings)
             + doctor_broker.checks(settings)
             + doctor_peers.checks(settings))
 

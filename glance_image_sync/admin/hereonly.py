@@ -11,7 +11,9 @@ and a file is removed (``--prune``) only on evidence that the image is gone:
   configured (``glanceapi``) and the API can see the images the stores agree
   on (it answers 404 for an image the credentials may not see, too).
 
-Without evidence (``--fix`` or ``--prune``) the image is copied to the peers.
+A removal goes into the store's trash (``deleted_image_grace``), as a delete
+does: evidence can be wrong. Without evidence (``--fix`` or ``--prune``) the
+image is copied to the peers.
 Reconcile can only pull, so it does what the fan-out does for an upload: an
 ensure-present event with this node as the source and the md5 computed here
 goes into every peer's queue through the confirmed publisher, and each peer's
@@ -27,6 +29,7 @@ from glance_image_sync.broker import confirmed, topology
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.events import Action, ImageEvent
 from glance_image_sync.exceptions import BrokerUnavailable, StoreError
+from glance_image_sync.store.trash import Cause
 
 LOG = logging.getLogger(__name__)
 
@@ -34,14 +37,17 @@ EVENT_TYPE = "reconcile"
 
 
 class HereOnly:
-    def __init__(self, settings, store, tombstones, api, connect=brokers.connected):
+    def __init__(self, settings, store, tombstones, api, connect=brokers.connected,
+                 trash=None):
         self.settings = settings
         self.nodes = settings.nodes
         self.store = store
         self.tombstones = tombstones
         self.api = api
         self.connect = connect
-        self._api_distrusted = None  # why the API's "gone" is not evidence, once known
+        # Where --prune moves a file (deleted_image_grace > 0); None: removed at once.
+        self.trash = trash if settings.deletes.grace else None
+        self.api_distrusted = None  # why the API's "gone" is not evidence, once known
 
     def check_api(self, agreed_ids) -> None:
         """Ask the API about one image every store has: if it calls that one gone, its
@@ -51,19 +57,19 @@ class HereOnly:
         probe = sorted(agreed_ids)[0]
         answer = self.api.image_state(probe)
         if answer.gone:
-            self._api_distrusted = (
+            self.api_distrusted = (
                 f"Glance's API calls {probe}, which every node has, gone ({answer.detail}): "
                 "its credentials may not see every project's images; not used as evidence")
-            LOG.warning("reconcile: %s", self._api_distrusted)
+            LOG.warning("reconcile: %s", self.api_distrusted)
 
     def evidence(self, image_id: str) -> tuple:
         """(evidence that the image is gone or None, what the API said)."""
         if image_id in self.tombstones:
             return "deleted on this node earlier", ""
         answer = self.api.image_state(image_id)
-        if answer.gone and self._api_distrusted is None:
+        if answer.gone and self.api_distrusted is None:
             return answer.detail, answer.detail
-        return None, self._api_distrusted or answer.detail
+        return None, self.api_distrusted or answer.detail
 
     def handle(self, finding, prune: bool) -> None:
         """Remove (``prune``, on evidence), or copy to the peers; record it in ``finding``."""
@@ -77,11 +83,17 @@ class HereOnly:
 
     def _remove(self, finding, gone: str) -> None:
         try:
-            removed = self.store.remove(finding.image_id)
+            if self.trash is not None:
+                removed = self.trash.put(finding.image_id, Cause(
+                    event_type="reconcile --prune", source=self.nodes.this,
+                    by=f"reconcile --prune ({gone})"))
+            else:
+                removed = self.store.remove(finding.image_id)
         except StoreError as exc:
             finding.action = f"not pruned: {exc}"
             return
-        finding.action = f"removed: {gone}" if removed else "was already gone"
+        verb = "moved to the trash" if self.trash is not None else "removed"
+        finding.action = f"{verb}: {gone}" if removed else "was already gone"
         finding.resolved = True
         LOG.info("image %s: reconcile removed it from %s (%s)", finding.image_id,
                  self.nodes.this, gone)

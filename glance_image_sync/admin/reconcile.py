@@ -23,7 +23,12 @@ image, and the fetched copy must match (``ImageStore.install``: private
 temporary file, size and md5 verified, owner and mode set, fsync, rename).
 Where only one peer has the image, its md5 is the only one there is; the
 report says so. An image this node deleted (it has a tombstone) is never
-fetched back.
+fetched back; if it is still in this node's trash (``store.trash``), ``--fix``
+restores it from there instead (a peer still holding it is the sign of a
+delete that should not have been): when Glance's API says the image is still
+active, or, without an API that can answer, once it was trashed at least
+``--min-age`` ago, checked against the md5 recorded when it was trashed (or a
+peer's) and the peers' size. A delete Glance's API confirms stands.
 
 An image that is here only is copied to the peers (``--fix`` or ``--prune``)
 unless there is evidence that it is gone, and removed (``--prune``) only on
@@ -54,6 +59,7 @@ from glance_image_sync.admin.reconcile_view import (
     render_json,
     render_table,
 )
+from glance_image_sync.admin.restore import put_back
 from glance_image_sync.exceptions import (
     EXIT_FAILED,
     EXIT_OK,
@@ -62,10 +68,12 @@ from glance_image_sync.exceptions import (
     TransferFailed,
     UsageError,
 )
-from glance_image_sync.glanceapi import GlanceApi
+from glance_image_sync.glanceapi import GlanceApi, ImageState
 from glance_image_sync.state import access
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
+from glance_image_sync.store.trash import Trash
+from glance_image_sync.store.trashrecord import describe_cause
 from glance_image_sync.transfer import listing
 from glance_image_sync.transfer.listing import Entry
 from glance_image_sync.transfer.sessions import Rsync
@@ -130,8 +138,9 @@ class Reconciler:
         self.min_age = min_age
         self.progress = progress
         self.now = now
+        self.trash = Trash(store)
         self.here_only = HereOnly(settings, store, tombstones,
-                                  api or GlanceApi(settings.glance_api))
+                                  api or GlanceApi(settings.glance_api), trash=self.trash)
 
     def survey(self) -> Survey:
         listed, unreachable = {}, {}
@@ -162,7 +171,7 @@ class Reconciler:
         todo = [f for f in survey.findings
                 if (fix and f.kind in (MISSING, SIZE_MISMATCH)) or
                 ((fix or prune) and f.kind == HERE_ONLY)]
-        if any(f.kind == HERE_ONLY for f in todo):
+        if any(f.kind == HERE_ONLY or f.image_id in self.tombstones for f in todo):
             self.here_only.check_api(agreed(survey))
         for index, finding in enumerate(todo, 1):
             if self.progress:
@@ -191,7 +200,10 @@ class Reconciler:
     def _fetch(self, finding: Finding) -> None:
         image_id = finding.image_id
         if finding.kind == MISSING and image_id in self.tombstones:
-            return self._leave(finding, "deleted here earlier; not fetched back")
+            entry = self.trash.get(image_id)
+            if entry is None:
+                return self._leave(finding, "deleted here earlier; not fetched back")
+            return self._from_trash(finding, entry)
         if finding.here and self._age(finding.here.mtime) < self.min_age:
             return self._leave(finding, "changed here recently; left to the events")
         holders = [node for node in self.nodes.peers() if node in finding.peers]
@@ -238,6 +250,45 @@ class Reconciler:
         self._leave(finding, "fetch failed: " + "; ".join(errors))
         LOG.warning("image %s: reconcile could not fetch it to %s: %s", image_id,
                     self.nodes.this, "; ".join(errors))
+        return None
+
+
+    def _from_trash(self, finding: Finding, entry) -> None:
+        """Restore an image this node trashed that a peer still holds; see the module."""
+        image_id = finding.image_id
+        sizes = {peer_entry.size for peer_entry in finding.peers.values()}
+        if sizes != {entry.size}:
+            return self._leave(finding, f"in this node's trash with {entry.size} bytes; the "
+                               f"peers have {_sizes(finding.peers)}: not restored")
+        answer = self.here_only.api.image_state(image_id)
+        trusted = self.here_only.api_distrusted is None
+        if answer.state is ImageState.GONE and trusted:
+            return self._leave(finding, f"in this node's trash; not restored: {answer.detail}: "
+                               "the delete stands")
+        if (answer.state is not ImageState.ACTIVE or not trusted) and \
+                self._age(entry.trashed_at) < self.min_age:
+            return self._leave(finding, "trashed here recently; left to the events (a delete "
+                               "may still be on its way to the peers)")
+        md5 = None
+        if entry.md5 is None:
+            holder = next(iter(finding.peers))
+            try:
+                _, md5 = listing.remote_md5(self.settings.transfer, holder, image_id)
+            except TransferFailed as exc:
+                return self._leave(finding, f"in this node's trash, md5 unknown, and {holder} "
+                                   f"could not checksum it: {exc}")
+        try:
+            restored = put_back(self.settings, self.trash, image_id, "reconcile",
+                                expect_size=entry.size, expect_md5=md5)
+        except StoreError as exc:
+            return self._leave(finding, f"in this node's trash; not restored: {exc}")
+        why = (answer.detail if answer.state is ImageState.ACTIVE and trusted else
+               f"no answer from Glance's API to go by: {answer.detail}")
+        finding.action = (f"restored from this node's trash ({restored.checked}, md5 "
+                          f"{restored.md5}; {', '.join(finding.peers)} still had it; {why}); "
+                          f"it had been {describe_cause(entry)}")
+        finding.resolved = True
+        LOG.info("image %s: reconcile on %s: %s", image_id, self.nodes.this, finding.action)
         return None
 
 

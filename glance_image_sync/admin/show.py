@@ -10,7 +10,9 @@
   those are browsed, every message taken unacked and given back in order
   when the channel closes (as ``failed list`` does); this node's own queue
   is not, since its daemon consumes it;
-* whether this node remembers it as deleted (its tombstone).
+* whether this node remembers it as deleted (its tombstone), and whether it
+  is in the store's trash: when it was trashed, by which event and publisher,
+  and when it will be purged.
 
 Read-only, without the run lock: it works beside the daemon. Exit status 1
 when something needs a human (the image waits in the failed queue, its md5
@@ -28,7 +30,7 @@ import uuid
 
 from glance_image_sync.admin import parked
 from glance_image_sync.admin.checks import describe
-from glance_image_sync.admin.tables import iso, size_text, when
+from glance_image_sync.admin.tables import iso, size_text, span, when
 from glance_image_sync.broker import connection as brokers
 from glance_image_sync.broker import topology
 from glance_image_sync.exceptions import (
@@ -36,11 +38,14 @@ from glance_image_sync.exceptions import (
     EXIT_OK,
     BrokerUnavailable,
     NodeStateError,
+    StoreError,
 )
 from glance_image_sync.state import records
 from glance_image_sync.state.tombstones import TOMBSTONES_DIR
 from glance_image_sync.store import checksum
-from glance_image_sync.store.images import file_version
+from glance_image_sync.store.images import ImageStore, file_version
+from glance_image_sync.store.trash import Trash
+from glance_image_sync.store.trashrecord import describe_cause, describe_md5
 
 
 def image_id_argument(value: str) -> str:
@@ -114,6 +119,28 @@ def tombstone(state_dir: str, image_id: str) -> float | None:
         return None
 
 
+def in_trash(settings, image_id: str) -> dict | None:
+    """What the store's trash recorded of the image, and when it will be purged."""
+    try:
+        store = ImageStore(settings.store)
+    except StoreError as exc:
+        return {"error": str(exc)}
+    try:
+        entry = Trash(store).get(image_id)
+    except (OSError, StoreError) as exc:
+        return {"error": str(exc)}
+    finally:
+        store.close()
+    if entry is None:
+        return None
+    return {"trashed_at": entry.trashed_at, "purge_at": entry.trashed_at + settings.deletes.grace,
+            "event_type": entry.event_type, "message_id": entry.message_id,
+            "publisher": entry.publisher, "source": entry.source, "by": entry.by,
+            "size": entry.size, "md5": entry.md5, "md5_from": entry.md5_from,
+            "described": f"{describe_cause(entry)}; {entry.size} bytes, md5 "
+                         f"{describe_md5(entry)}"}
+
+
 def gather(settings, image_id: str, verify: bool = False) -> dict:
     state_error = None
     try:
@@ -128,6 +155,7 @@ def gather(settings, image_id: str, verify: bool = False) -> dict:
         "state_error": state_error,
         "queues": in_queues(settings, image_id),
         "deleted": tombstone(settings.store.state_dir, image_id),
+        "trash": in_trash(settings, image_id),
     }
     doc["problems"] = problems(doc)
     return doc
@@ -148,6 +176,8 @@ def problems(doc: dict) -> list:
         found.append(f"the queues could not be read: {doc['queues']['error']}")
     if doc["state_error"]:
         found.append(doc["state_error"])
+    if (doc["trash"] or {}).get("error"):
+        found.append(f"the trash could not be read: {doc['trash']['error']}")
     return found
 
 
@@ -182,9 +212,23 @@ def render_table(doc: dict, now: float) -> str:
     lines.append("  deleted:    " + ("no" if doc["deleted"] is None else
                                      f"yes, remembered since {when(doc['deleted'], now)} "
                                      "(no event brings it back)"))
+    lines.append("  trash:      " + _trash_text(doc, now))
     if doc["problems"]:
         lines += ["", "NEEDS ATTENTION:"] + [f"  - {problem}" for problem in doc["problems"]]
     return "\n".join(lines) + "\n"
+
+
+def _trash_text(doc: dict, now: float) -> str:
+    trash = doc["trash"]
+    if trash is None:
+        return "not in the trash"
+    if trash.get("error"):
+        return f"unknown ({trash['error']})"
+    left = trash["purge_at"] - now
+    due = f"in {span(left)}" if left > 0 else "at the next purge"
+    return (f"{trash['described']}; purged {iso(trash['purge_at'])} ({due}; sooner if the "
+            f"store runs short of space): 'glance-image-sync restore {doc['image_id']}' "
+            "puts it back")
 
 
 def _md5_text(disk: dict) -> str:

@@ -41,12 +41,17 @@ def iso(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S%z", time.localtime(when))
 
 
-def ago(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """``3 h``: a length of time, in its largest whole unit."""
     seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return f"{seconds} s ago"
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def ago(seconds: float) -> str:
+    return f"{span(seconds)} ago"
 
 
 def when(moment: float, now: float) -> str:

@@ -1,4 +1,5 @@
-"""The operator commands' command lines: ``status``, ``reconcile``, ``failed``, ``forget-node``.
+"""The operator commands' command lines: ``status``, ``reconcile``, ``failed``, ``forget-node``,
+``restore``.
 
 They take no run lock: each works beside a running daemon.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from glance_image_sync import events
-from glance_image_sync.admin import failed, forget, reconcile, status
+from glance_image_sync.admin import failed, forget, reconcile, restore, show, status
 from glance_image_sync.exceptions import Rejected
 from glance_image_sync.nodes import Nodes
 
@@ -63,6 +64,12 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("node", metavar="NAME", type=_host_name,
                         help="the node, as its queues name it (see 'status')")
     parser.set_defaults(run=lambda conf, settings: forget.main(conf.command, settings))
+
+    parser = subparsers.add_parser(
+        "restore", help="put an image back from this node's trash (size and md5 checked) and "
+        "forget its deletion; exit 1 when it is not there or a check fails")
+    parser.add_argument("image_id", metavar="IMAGE_ID", type=show.image_id_argument)
+    parser.set_defaults(run=lambda conf, settings: restore.main(conf.command, settings))
 
 
 def _host_name(value: str) -> str:

@@ -12,9 +12,11 @@ Three formats reach the notification queue:
 Which event means what (doc/architecture.rst, README): ``image.upload`` and ``image.activate``
 ensure the image is present, ``image.update`` does when the image is active,
 ``image.delete`` ensures it is absent (whatever the payload's status says;
-Essex sent only the id). Everything else, and any priority but INFO, is
-ignored. Nothing else about a message is trusted: ``parse`` either returns a
-validated result or raises ``Rejected`` with the reason.
+Essex sent only the id; the size and md5 a later Glance's payload carries go
+along, for the trash's record, when they are well-formed). Everything else,
+and any priority but INFO, is ignored. Nothing else about a message is
+trusted: ``parse`` either returns a validated result or raises ``Rejected``
+with the reason.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def parse(body, nodes) -> ImageEvent | Ignored:
 
     source = publisher_node(publisher_id, nodes)
     common = dict(event_type=event_type, source=source, message_id=message_id,
-                  timestamp=timestamp)
+                  timestamp=timestamp, publisher=publisher_id)
     if action is Action.ABSENT:
-        return ImageEvent(Action.ABSENT, image_id=_deleted_image_id(payload), **common)
+        return ImageEvent(Action.ABSENT, image_id=_deleted_image_id(payload),
+                          **_deleted_size_and_md5(payload), **common)
 
     if not isinstance(payload, dict):
         raise Rejected(f"{event_type} payload is {type(payload).__name__}, not an image")
@@ -122,6 +125,24 @@ def _text_field(message: dict, name: str) -> str:
     if not text:
         raise Rejected(f"{name} is empty")
     return text
+
+
+def _deleted_size_and_md5(payload: object) -> dict:
+    """The size and md5 a delete's payload gives, each only if well-formed.
+
+    Only a record of what Glance said, never a reason to act or not: a delete
+    is applied whatever they are, so one that is malformed is dropped, not
+    rejected with the delete.
+    """
+    found = {}
+    if not isinstance(payload, dict):
+        return found
+    for name, check in (("checksum", events.checksum), ("size", events.size)):
+        try:
+            found[name] = check(payload.get(name))
+        except Rejected:
+            pass
+    return found
 
 
 def _deleted_image_id(payload: object) -> str:

@@ -69,20 +69,40 @@ class ImageRecords:
     def has(self, image_id: str) -> bool:
         return os.path.exists(path_of(self.state_dir, image_id))
 
+    def verified(self, image_id: str) -> tuple | None:
+        """(file version, md5) the record says was verified, or None."""
+        try:
+            doc = load(self.state_dir, image_id)
+        except NodeStateError:
+            return None
+        verified = (doc or {}).get("verified") or {}
+        if not isinstance(verified.get("file"), list) or not isinstance(verified.get("md5"), str):
+            return None
+        return tuple(verified["file"]), verified["md5"]
+
     def write(self, event, ok: bool, detail: str, attempt: int, verified=None,
               when: float | None = None) -> None:
         """Record ``event``'s outcome; ``verified`` is (file version, md5) or None."""
+        self.write_fields(event.image_id, event_type=event.event_type,
+                          action=event.action.value, ok=ok, detail=detail, attempt=attempt,
+                          source=event.source, size=event.size, checksum=event.checksum,
+                          verified=verified, when=when)
+
+    def write_fields(self, image_id: str, *, event_type: str, action: str, ok: bool,
+                     detail: str, attempt: int, source, size, checksum, verified=None,
+                     when: float | None = None) -> None:
+        """A record from its fields (``write`` for an event; ``restore`` for itself)."""
         doc = {
             "version": VERSION,
             "time": time.time() if when is None else when,
-            "event_type": event.event_type,
-            "action": event.action.value,
+            "event_type": event_type,
+            "action": action,
             "ok": ok,
             "detail": detail[:_DETAIL_LIMIT],
             "attempt": attempt,
-            "source": event.source,
-            "size": event.size,
-            "checksum": event.checksum,
+            "source": source,
+            "size": size,
+            "checksum": checksum,
             "verified": ({"file": list(verified[0]), "md5": verified[1]} if verified
                          else None),
         }
@@ -91,7 +111,7 @@ class ImageRecords:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(doc, f, sort_keys=True)
             os.chmod(temp, 0o644)  # mkstemp's 0600 would hide it from a non-root show
-            os.rename(temp, path_of(self.state_dir, event.image_id))
+            os.rename(temp, path_of(self.state_dir, image_id))
             temp = None
         finally:
             if temp is not None:

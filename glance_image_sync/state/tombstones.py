@@ -5,7 +5,8 @@ later ``ensure present`` for that id is stale: a redelivery, a retry queued
 before the delete, or a replay. Each deleted id is an empty file in
 ``<state_dir>/deleted/`` (its mtime is when), which survives restarts and
 crashes and costs one ``stat`` to check. Entries older than
-``deleted_image_memory`` are pruned at start-up.
+``deleted_image_memory`` are pruned at start-up. ``glance-image-sync restore``
+forgets one: putting an image back is the deliberate way past a delete.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ class Tombstones:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def discard(self, image_id: str) -> bool:
+        """Forget a deletion (a restore); True if it was remembered."""
+        try:
+            os.unlink(os.path.join(self.path, events.image_id(image_id)))
+        except FileNotFoundError:
+            return False
+        return True
 
     def __contains__(self, image_id: str) -> bool:
         return os.path.exists(os.path.join(self.path, events.image_id(image_id)))

@@ -54,6 +54,9 @@ class ImageStore:
         self._verified = {}
         self._lock = threading.Lock()
         self.owner = Owner(self.dir_fd)
+        # Called with the bytes a copy needs when fewer are free: the trash's
+        # keeper purges the oldest deleted images for it (sync.trashkeeper).
+        self.make_room = None
 
     def close(self) -> None:
         """Give up this process's owner file (remove its temporaries first) and the store."""
@@ -114,6 +117,11 @@ class ImageStore:
                 self._verified.clear()
             self._verified[key] = digest
 
+    def known_md5(self, version: tuple) -> str | None:
+        """The md5 this process verified for that version of a file (``file_version``)."""
+        with self._lock:
+            return self._verified.get(version)
+
     def verification(self, image_id: str):
         """(file version, md5) of ``<id>`` as it is now, if this process verified that version."""
         try:
@@ -156,6 +164,9 @@ class ImageStore:
         """
         name = events.image_id(image_id)
         free = self.free_bytes()
+        if free < size and self.make_room is not None:
+            self.make_room(size)
+            free = self.free_bytes()
         if free < size:
             raise DiskFull(f"disk full: {name} needs {size} bytes, {free} free in {self.datadir}")
         self.owner.hold()

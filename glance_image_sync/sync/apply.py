@@ -3,9 +3,13 @@
 Ensure present: skip an image this node already deleted (a late or replayed
 upload must not resurrect it); do nothing when the local copy already has the
 right size and md5; otherwise fetch it from the publisher, then from any other
-peer, until one copy verifies. Ensure absent: remember the deletion, then
-remove the file. Both are idempotent: replaying any sequence of events leaves
-the same store.
+peer, until one copy verifies. Ensure absent: when Glance's API can be asked,
+only once it says the image is gone (an image it still has stays, and the
+event is refused: dead-lettered; an API that cannot tell makes it a failed
+attempt, retried, the file still in place); then remember the deletion, and
+move the file into the store's trash (removed at once with
+``deleted_image_grace = 0``). Both are idempotent: replaying any sequence of
+events leaves the same store.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from oslo_log import log as logging
 
 from glance_image_sync.events import Action
 from glance_image_sync.exceptions import DiskFull, StoreError, TransferCancelled, TransferFailed
+from glance_image_sync.glanceapi import ImageState
 from glance_image_sync.metrics import Metrics
+from glance_image_sync.store.trash import Cause
 
 LOG = logging.getLogger(__name__)
 
@@ -33,15 +39,23 @@ class Outcome:
     detail: str
     cancelled: bool = False
     changed: bool = False  # the store changed (an install or a delete)
+    refused: bool = False  # never to be applied (a delete of an image Glance has): dead-letter
+
+
+REFUSED = "image still active in Glance"
 
 
 class ImageSync:
-    def __init__(self, nodes, store, rsync, tombstones, metrics=None):
+    def __init__(self, nodes, store, rsync, tombstones, metrics=None, trash=None, api=None,
+                 records=None):
         self.nodes = nodes
         self.store = store
         self.rsync = rsync
         self.tombstones = tombstones
         self.metrics = metrics or Metrics()
+        self.trash = trash  # a store.trash.Trash; None: a delete removes the file at once
+        self.api = api  # a GlanceApi with credentials, asked before each delete; or None
+        self.records = records  # ImageRecords: an md5 verified before a restart
 
     def apply(self, event) -> Outcome:
         if event.action is Action.ABSENT:
@@ -49,23 +63,73 @@ class ImageSync:
         return self._ensure_present(event)
 
     def _ensure_absent(self, event) -> Outcome:
-        self.tombstones.add(event.image_id)
+        image_id = event.image_id
+        # A delete applied once was confirmed then; a replay needs no second answer.
+        if self.api is not None and image_id not in self.tombstones:
+            refusal = self._ask_glance(event)
+            if refusal is not None:
+                return refusal
+        self.tombstones.add(image_id)
         try:
-            removed = self.store.remove(event.image_id)
+            if self.trash is not None:
+                removed = self.trash.put(image_id, _cause(event),
+                                         lambda version: self._known_md5(image_id, version))
+            else:
+                removed = self.store.remove(image_id)
         except StoreError as exc:
             refused = exc
         else:
             refused = None
         if refused is not None:
-            LOG.error("image %s: not deleted on %s: %s", event.image_id, self.nodes.this, refused,
-                      extra=_about(event.image_id))
+            LOG.error("image %s: not deleted on %s: %s", image_id, self.nodes.this, refused,
+                      extra=_about(image_id))
             return Outcome(True, str(refused))
-        self.store.remove_temporaries(event.image_id)
-        if removed:
-            LOG.info("image %s: deleted on %s", event.image_id, self.nodes.this,
-                     extra=_about(event.image_id))
-            return Outcome(True, "deleted", changed=True)
-        return Outcome(True, "was not here")
+        self.store.remove_temporaries(image_id)
+        if not removed:
+            return Outcome(True, "was not here")
+        self._count_delete("applied")
+        detail = "moved to the trash" if self.trash is not None else "deleted"
+        LOG.info("image %s: %s on %s (%s, message %s, published by %s)", image_id, detail,
+                 self.nodes.this, event.event_type or "ensure-absent", event.message_id,
+                 event.publisher or event.source, extra=_about(image_id))
+        return Outcome(True, detail, changed=True)
+
+    def _ask_glance(self, event) -> Outcome | None:
+        """None once Glance's API says the image is gone; else why not to delete it now."""
+        answer = self.api.image_state(event.image_id)
+        if answer.state is ImageState.GONE:
+            return None
+        if answer.state is ImageState.ACTIVE:
+            self._count_delete("refused")
+            LOG.error("image %s: delete refused on %s: %s (%s); %s, message %s, published by "
+                      "%s, dead-lettered", event.image_id, self.nodes.this, REFUSED,
+                      answer.detail, event.event_type, event.message_id,
+                      event.publisher or event.source, extra=_about(event.image_id))
+            return Outcome(False, f"{REFUSED} ({answer.detail})", refused=True)
+        self._count_delete("unconfirmed")
+        # Neither lost nor applied blindly: retried as a failed attempt, the file in place.
+        return Outcome(False, f"not deleted until Glance's API confirms it: {answer.detail}")
+
+    def _count_delete(self, result: str) -> None:
+        count = self.metrics.deleted(result)
+        if count is None:
+            return
+        undo = ("'glance-image-sync restore <image id>' puts a trashed image back"
+                if self.trash is not None else
+                "with deleted_image_grace = 0 they are gone for good")
+        LOG.error("%d image deletes within a minute on %s, more than delete_alarm_threshold "
+                  "(%d): a mass delete? Check who sent them ('glance-image-sync show <image "
+                  "id>'); %s", count, self.nodes.this, self.metrics.delete_rate.threshold, undo)
+
+    def _known_md5(self, image_id: str, version: tuple) -> str | None:
+        """The md5 verified for this version of the file: by this process, or before a
+        restart (the image's record), without reading it."""
+        md5 = self.store.known_md5(version)
+        if md5 is None and self.records is not None:
+            verified = self.records.verified(image_id)
+            if verified is not None and verified[0] == tuple(version):
+                md5 = verified[1]
+        return md5
 
     def _ensure_present(self, event) -> Outcome:
         image_id = event.image_id
@@ -110,3 +174,9 @@ class ImageSync:
         except (TransferFailed, StoreError) as exc:
             return exc
         return None
+
+
+def _cause(event) -> Cause:
+    return Cause(event_type=event.event_type, message_id=event.message_id,
+                 publisher=event.publisher, source=event.source, size=event.size,
+                 md5=event.checksum)

@@ -12,13 +12,16 @@ from oslo_log import log as logging
 
 from glance_image_sync.broker.loop import ConnectionLoop
 from glance_image_sync.exceptions import ConfigError, StoreError
+from glance_image_sync.glanceapi import GlanceApi
 from glance_image_sync.metrics import Metrics
 from glance_image_sync.state.nodestate import NodeState
 from glance_image_sync.state.records import ImageRecords
 from glance_image_sync.state.tombstones import Tombstones
 from glance_image_sync.store.images import ImageStore
+from glance_image_sync.store.trash import Trash
 from glance_image_sync.sync.apply import ImageSync
 from glance_image_sync.sync.ordering import OrderedDispatcher
+from glance_image_sync.sync.trashkeeper import TrashKeeper
 from glance_image_sync.sync.worker import SyncWorker
 from glance_image_sync.transfer import masters
 from glance_image_sync.transfer.sessions import Rsync
@@ -36,7 +39,9 @@ def sync_loop(settings, stop_event=None, once=False):
     Call while holding the run lock (one worker per node). Other processes
     may write into the store meanwhile (``reconcile --fix``): the sweeps at
     start and stop remove only this process's temporaries and those of
-    processes that are gone (``store.owner``).
+    processes that are gone (``store.owner``). The trash is purged of what is
+    due: once at the start of a one-shot run, on a thread of its own in the
+    daemon (``TrashKeeper``).
     """
     try:
         store = ImageStore(settings.store)
@@ -44,6 +49,7 @@ def sync_loop(settings, stop_event=None, once=False):
         raise ConfigError(str(exc)) from None
     rsync = Rsync(settings.transfer)
     dispatcher = OrderedDispatcher(settings.max_parallel)
+    keeper = None
     try:
         for name in store.remove_temporaries():
             LOG.warning("removed %s, left in %s by an interrupted transfer", name,
@@ -54,12 +60,25 @@ def sync_loop(settings, stop_event=None, once=False):
         records = ImageRecords(settings.store.state_dir, settings.store.deleted_memory)
         records.prune()
         metrics = Metrics(settings)
-        image_sync = ImageSync(settings.nodes, store, rsync, tombstones, metrics)
+        trash = Trash(store)
+        metrics.watch_trash(trash)
+        keeper = TrashKeeper(trash, settings.deletes, metrics, settings.nodes.this)
+        store.make_room = keeper.make_room
+        if once:
+            keeper.tend_quietly()
+        else:
+            keeper.start()
+        api = GlanceApi(settings.glance_api) if settings.glance_api.configured else None
+        image_sync = ImageSync(settings.nodes, store, rsync, tombstones, metrics,
+                               trash=trash if settings.deletes.grace else None, api=api,
+                               records=records)
         worker = SyncWorker(settings, image_sync, dispatcher, metrics,
                             NodeState(settings.store.state_dir), records)
         loop = ConnectionLoop("sync", worker, settings.broker, stop_event, once)
         yield loop
     finally:
+        if keeper is not None:
+            keeper.stop()
         rsync.cancel_all()
         dispatcher.shutdown()
         rsync.close()

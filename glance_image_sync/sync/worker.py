@@ -9,8 +9,9 @@ Ack contract: an event is acked only when it has been applied (the image is in
 place and verified, or gone), or when the broker confirmed its copy in the
 place it moves to: a retry queue (the attempt failed; it comes back after the
 delay), the node's failed queue (out of attempts), or the dead-letter queue
-(malformed). A transfer that is stopped by a shutdown is not acked: the
-broker delivers the event again.
+(malformed, or refused: a delete of an image Glance's API says is still
+active, with the reason "image still active in Glance"). A transfer that is
+stopped by a shutdown is not acked: the broker delivers the event again.
 
 RabbitMQ closes a channel that holds a message unacked longer than its
 ``consumer_timeout``. Before that, an event whose transfer is still running is
@@ -152,6 +153,13 @@ class SyncWorker(QueueConsumer):
         self._held.pop(id(delivery), None)
         if outcome.cancelled:
             self.finish(delivery, ack=False)
+            return
+        if outcome.refused:
+            self.last_error = (time.time(), event.image_id, outcome.detail)
+            if delivery.refreshing or not self.current(delivery):
+                self.finish(delivery, ack=False)  # as below: its copy, or a redelivery
+            else:
+                self.dead_letter(delivery, outcome.detail)
             return
         if outcome.ok:
             self.last_success = (time.time(), event.image_id, outcome.detail)

@@ -1,31 +1,12 @@
-"""Every option of glance-image-sync, with its help text.
+"""The options of ``[DEFAULT]``: the tool's own, each with its help text.
 
-The tool's own options live in ``[DEFAULT]`` of
-``/etc/glance/glance-image-sync.conf``. The optional credentials for Glance's
-API are keystoneauth1's own options in ``[keystone_authtoken]`` (where Glance
-keeps its service user's), read with keystoneauth1's loading helpers; where to
-find the API is in ``[glance_api]``. ``api_nodes``, ``rsync_user``,
-``log_file`` and ``verbose`` are the names the original cron tool used; they
-keep working. ``list_opts`` feeds ``oslo-config-generator``
-(``etc/glance-image-sync.conf.sample``).
-
-The settings that must agree with Glance's are Glance's own: ``transport_url``
-in ``[DEFAULT]`` and ``rabbit_opts`` in ``[oslo_messaging_rabbit]`` carry
-oslo.messaging's names, types, defaults and meaning, so that Glance's own
-glance-api.conf can be passed as the first ``--config-file`` and the two
-cannot disagree (``tests/test_glance_config.py`` compares them with
-oslo.messaging's own definitions).
+``api_nodes``, ``rsync_user``, ``log_file`` and ``verbose`` are the names the
+original cron tool used; they keep working.
 """
 
 import socket
 
-from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg, types
-
-# Glance's own group for its service user's credentials: with glance-api.conf
-# passed as another --config-file, they need not be written twice.
-AUTH_GROUP = "keystone_authtoken"
-API_GROUP = "glance_api"
 
 cluster_opts = [
     cfg.ListOpt(
@@ -116,6 +97,38 @@ store_opts = [
         min=0,
         help="Seconds a deleted image id is remembered, so a late or replayed "
         "upload event never brings the image back.",
+    ),
+]
+
+delete_opts = [
+    cfg.IntOpt(
+        "deleted_image_grace",
+        default=24 * 3600,
+        min=0,
+        help="Seconds a deleted image's file stays in the store's trash "
+        "(<filesystem_store_datadir>/.glance-image-sync-trash, moved there by a "
+        "rename: no copy, no extra space) before it is purged; until then "
+        "'glance-image-sync restore <image id>' puts it back. 0 removes the "
+        "file at once, for good. At most deleted_image_memory.",
+    ),
+    cfg.IntOpt(
+        "trash_min_free_percent",
+        default=10,
+        min=0,
+        max=90,
+        help="When less than this percentage of the image store's file system "
+        "is free, the trash is purged before its grace period ends, oldest "
+        "first, until this much is free again or the trash is empty (each "
+        "image logged). Keep it above the share the largest upload you expect "
+        "needs. 0: never purged early.",
+    ),
+    cfg.IntOpt(
+        "delete_alarm_threshold",
+        default=20,
+        min=1,
+        help="More deletes than this within a minute on one node are logged as "
+        "an error and raised in the metrics (glance_image_sync_delete_burst), "
+        "for an alert on a mass delete.",
     ),
 ]
 
@@ -246,75 +259,6 @@ metrics_opts = [
     ),
 ]
 
-RABBIT_GROUP = "oslo_messaging_rabbit"
-
-# oslo.messaging's own definitions (same name, type and default): Glance's
-# glance-api.conf sets them, and the notification queue must be declared as
-# Glance's notifier declares it.
-rabbit_opts = [
-    cfg.BoolOpt(
-        "rabbit_quorum_queue",
-        default=False,
-        help="Use quorum queues (x-queue-type: quorum), as oslo.messaging's option: "
-        "Glance's notification queue and every queue of glance-image-sync (quorum "
-        "queues are replicated over a RabbitMQ cluster, always durable). Must be "
-        "Glance's value: give Glance's glance-api.conf as the first --config-file.",
-    ),
-    cfg.BoolOpt(
-        "amqp_durable_queues",
-        default=False,
-        help="Declare Glance's notification exchange and queue durable, as "
-        "oslo.messaging's option (ignored with rabbit_quorum_queue). Must be "
-        "Glance's value. The queues of glance-image-sync are always durable.",
-    ),
-    cfg.BoolOpt(
-        "amqp_auto_delete",
-        default=False,
-        help="Declare Glance's notification exchange and queue auto-delete, as "
-        "oslo.messaging's option. Must be Glance's value.",
-    ),
-    cfg.BoolOpt(
-        "rabbit_ha_queues",
-        default=False,
-        help="Declare Glance's notification queue with x-ha-policy: all, as "
-        "oslo.messaging's option. Must be Glance's value.",
-    ),
-    *(cfg.IntOpt(name, default=0, help=f"{argument} of Glance's quorum notification "
-                 "queue, as oslo.messaging's option; 0 sets none. Must be Glance's value.")
-      for name, argument in (("rabbit_quorum_delivery_limit", "x-delivery-limit"),
-                             ("rabbit_quorum_max_memory_length", "x-max-in-memory-length"),
-                             ("rabbit_quorum_max_memory_bytes", "x-max-in-memory-bytes"))),
-    cfg.BoolOpt(
-        "ssl",
-        default=False,
-        help="Connect to every broker over TLS. The broker's certificate is always "
-        "verified, and so is its host name against the one in transport_url.",
-    ),
-    cfg.StrOpt(
-        "ssl_version",
-        default="",
-        help="TLS protocol version, as oslo.messaging's option (TLSv1, SSLv23, "
-        "TLSv1_1, TLSv1_2, where Python offers them). Empty: the best both sides offer.",
-    ),
-    cfg.StrOpt("ssl_key_file", default="",
-               help="Private key of the client certificate (with ssl)."),
-    cfg.StrOpt("ssl_cert_file", default="",
-               help="Client certificate, for brokers that ask for one (with ssl). Empty: "
-               "none is sent."),
-    cfg.StrOpt("ssl_ca_file", default="",
-               help="CA certificates that verify the broker's certificate (with ssl). "
-               "Empty: the system's trusted CAs."),
-]
-
-# Replaced by Glance's own options: registered only to say so.
-removed_opts = [
-    cfg.StrOpt("notification_durable", help="Removed: see amqp_durable_queues."),
-    cfg.StrOpt("queue_type", help="Removed: see rabbit_quorum_queue."),
-]
-REMOVED = {
-    "notification_durable": "[oslo_messaging_rabbit] amqp_durable_queues",
-    "queue_type": "[oslo_messaging_rabbit] rabbit_quorum_queue",
-}
 
 legacy_opts = [
     cfg.BoolOpt(
@@ -325,60 +269,3 @@ legacy_opts = [
         help="Accepted so that old configuration files keep working; ignored.",
     ),
 ]
-
-
-glance_api_opts = [
-    cfg.StrOpt(
-        "region_name",
-        default=None,
-        help="Region of Glance's endpoint in the Keystone catalog. Default: "
-        "the catalog's only (or first) one.",
-    ),
-    cfg.StrOpt(
-        "interface",
-        default="internal",
-        choices=["public", "internal", "admin"],
-        help="Which of Glance's catalog endpoints to use.",
-    ),
-    cfg.URIOpt(
-        "endpoint_override",
-        default=None,
-        schemes=["http", "https"],
-        help="Glance's API at this URL instead of the catalog's, e.g. "
-        "http://127.0.0.1:9292 for this node's own glance-api. The token still "
-        "comes from [keystone_authtoken].",
-    ),
-]
-
-
-def list_opts():
-    """Every option, by group, for oslo-config-generator.
-
-    ``[keystone_authtoken]`` lists keystoneauth1's session options and those
-    of its ``password`` plugin, the one Glance's own file uses; another
-    ``auth_type`` brings its own options.
-    """
-    return [
-        (
-            "DEFAULT",
-            cluster_opts + messaging_opts + store_opts + transfer_opts + metrics_opts
-            + legacy_opts,
-        ),
-        (API_GROUP, glance_api_opts),
-        (AUTH_GROUP, ks_loading.get_auth_common_conf_options()
-         + ks_loading.get_session_conf_options()
-         + ks_loading.get_auth_plugin_conf_options("password")),
-        (RABBIT_GROUP, rabbit_opts),
-    ]
-
-
-def register_opts(conf):
-    for group, opts in list_opts():
-        if group == AUTH_GROUP:
-            # keystoneauth1's helpers: the plugin's own options are registered
-            # when the plugin named by auth_type is loaded.
-            ks_loading.register_auth_conf_options(conf, AUTH_GROUP)
-            ks_loading.register_session_conf_options(conf, AUTH_GROUP)
-            continue
-        conf.register_opts(opts, group=None if group == "DEFAULT" else group)
-    conf.register_opts(removed_opts)
