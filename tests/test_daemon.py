@@ -197,12 +197,15 @@ def test_daemonize_writes_a_pidfile_that_a_crash_does_not_leave_blocking(cluster
     node = cluster["node3"]
     pidfile = cluster.base / "node3.pid"
 
-    def daemonize():
+    def daemonize(crashed=None):
         result = node.run("daemon", "--daemonize", "--pidfile", str(pidfile), timeout=30)
         assert result.returncode == 0, result.stderr
-        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
-                 what="the pidfile")
-        pid = int(pidfile.read_text())
+
+        def written():  # by the new daemon, not the crashed one's left behind
+            text = pidfile.read_text().strip() if pidfile.exists() else ""
+            return text and int(text) != crashed and int(text)
+
+        pid = wait_for(written, 10, what="the pidfile")
         wait_for(lambda: "ready: consuming" in node.log.read_text(), 30, what="ready")
         return pid
 
@@ -213,7 +216,7 @@ def test_daemonize_writes_a_pidfile_that_a_crash_does_not_leave_blocking(cluster
     assert pidfile.exists()  # a crash leaves it behind...
 
     node.log.write_text("")
-    pid = daemonize()  # ...but it does not block the next start
+    pid = daemonize(crashed=pid)  # ...but it does not block the next start
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not pathlib.Path(f"/proc/{pid}").exists(), 20, what="the stop")
     assert not pidfile.exists()

@@ -143,6 +143,7 @@ def test_show_without_a_broker_says_what_it_knows_and_that_the_queues_are_unknow
 def test_show_before_any_fan_out_finds_no_queue_and_says_so_without_an_error(
         tmp_path, capsys, vhost):
     path = write_config(tmp_path, transport_url=f"rabbit://guest:guest@127.0.0.1:5672/{vhost}")
+    (tmp_path / "images").mkdir()  # a node's store, with nothing in it (nor in its trash)
     assert cli.main(["--config-file", str(path), "show", IMAGE]) == 0
     out = capsys.readouterr().out
     assert "on disk:    no such file" in out and "last event: none recorded" in out
