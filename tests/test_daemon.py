@@ -12,9 +12,9 @@ import time
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import service
 from glance_image_sync.broker import topology
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.daemon.supervisor import Supervisor
 from tests.clusterhelpers import free_port, queue_messages, scrape_until
 from tests.notifysocket import NotifySocket

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from glance_image_sync import cmd as cli
 from glance_image_sync.admin import sshkeys
+from glance_image_sync.cmd import commands as cli
 from tests.helpers import write_config
 
 

@@ -46,6 +46,9 @@ RRSYNC_KEY_OPTIONS = f'command="rrsync -ro -absolute {DATADIR}",restrict'
 # The same without -absolute, as rrsync before rsync 3.5 (Ubuntu 22.04's and 24.04's
 # 3.2.7) has it: it takes only paths relative to the store (rsync_remote_paths = relative).
 RRSYNC_RELATIVE_KEY_OPTIONS = f'command="rrsync -ro {DATADIR}",restrict'
+# The forced command README.rst recommends: glance-image-sync serve streams images to
+# peers that relay them, and hands every other request to rrsync -ro -absolute.
+SERVE_COMMAND = f"serve --store {DATADIR} --absolute"
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
@@ -149,6 +152,8 @@ class Node:
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password",
+            # The client key's PATH (authorize): a peer's glance-image-sync is this one.
+            "PermitUserEnvironment PATH",
             "LogLevel INFO",  # "Accepted publickey" lines: tests count logins
             "",
         ]))
@@ -370,9 +375,18 @@ class LocalCluster:
         return self
 
     def authorize(self, options=None):
-        """Let the client key in on every node, with these authorized_keys ``options``."""
+        """Let the client key in on every node, with these authorized_keys ``options``.
+
+        ``SERVE_COMMAND`` stands for the forced command README.rst recommends. On
+        every key, ``glance-image-sync`` is on the PATH, as it is on a real node.
+        """
         public_key = (self.base / "client_ed25519.pub").read_text()
-        self.authorized_keys.write_text(f"{options} {public_key}" if options else public_key)
+        program = pathlib.Path(self.program[0])
+        if options == SERVE_COMMAND:
+            options = f'command="{" ".join(self.program)} {SERVE_COMMAND}",restrict'
+        path = f'environment="PATH={program.parent}:/usr/bin:/bin"'
+        self.authorized_keys.write_text(f"{options},{path} {public_key}" if options
+                                        else f"{path} {public_key}")
 
     def stop(self):
         for node in self.nodes:

@@ -31,7 +31,8 @@ import subprocess
 import sys
 
 from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from glance_image_sync.transfer.rsync import first_line, subprocess_env
+from glance_image_sync.transfer.environ import subprocess_env
+from glance_image_sync.transfer.rsync import first_line
 
 SSH_TIMEOUT = 30
 _KEY_TYPE_RE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
