@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import kombu
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import opts, service
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.loop import ONCE_QUIET_SECONDS
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.fanout import notifications
 from glance_image_sync.fanout.consumer import fanout_loop
 from tools.localcluster import LocalCluster, wait_for

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from glance_image_sync.cmd import _exit_on_sigterm
+from glance_image_sync.cmd.commands import _exit_on_sigterm
 from glance_image_sync.settings import TransferSettings
 from glance_image_sync.transfer import masters
 from tools.localcluster import wait_for
