@@ -5,6 +5,7 @@ through forwarders; and nothing of it left once the cluster stops."""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -158,5 +159,10 @@ def test_the_forwarder_passes_bytes_both_ways_and_passes_on_a_close(tmp_path, ec
             served.close()
     finally:
         forwarder.terminate()
-        forwarder.wait(10)
+        try:
+            returncode = forwarder.wait(10)
+        except subprocess.TimeoutExpired:
+            forwarder.kill()
+            returncode = forwarder.wait()
         forwarder.stdout.close()
+    assert returncode == -signal.SIGTERM  # it ends on SIGTERM, as Network.stop expects
