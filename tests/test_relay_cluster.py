@@ -126,3 +126,23 @@ def test_corrupt_bytes_from_a_relay_are_installed_nowhere(chain4):
     assert lines_about(node3, image_id, "copy from node2 failed")
     assert lines_about(node3, image_id, "md5")
     assert lines_about(node3, image_id, "installed and verified on node3 (from node1)")
+
+
+def test_on_limited_links_five_nodes_get_the_image_while_the_publisher_sends_it_once():
+    if os.geteuid() != 0:
+        pytest.skip("the local cluster needs root")
+    with LocalCluster(size=5, link_mbit=100, restricted_key=SERVE_COMMAND) as cluster:
+        for node in cluster.nodes:
+            node.start_daemon()
+        publisher = cluster["node1"]
+        image_id, md5, size = cluster.new_image("node1", size=16 * MiB)
+        sent = publisher.sent_bytes()
+        cluster.upload(image_id, md5, size)
+        wait_for(lambda: all(node.has(image_id) for node in cluster.nodes), 120,
+                 what="the image on every node")
+        assert all(node.has(image_id, md5) for node in cluster.nodes)
+        # Every uplink carries about one copy: the publisher's too (4 without the relay).
+        assert publisher.sent_bytes() - sent < 1.5 * size
+        for before, node in zip(cluster.nodes[1:], cluster.nodes[2:]):
+            assert lines_about(node, image_id, f"installed and verified on {node.name} "
+                               f"(from {before.name})")
