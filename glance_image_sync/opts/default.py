@@ -216,9 +216,10 @@ transfer_opts = [
         "receiving it. Each node's uplink then carries about one copy, and every node "
         "has the image in about the time one copy takes, however many nodes there are. "
         "Every copy is verified before it is installed; a node whose upstream fails or "
-        "stalls fetches from the publisher instead. Needs 'glance-image-sync serve' as "
-        "the peers' forced command ('glance-image-sync ssh-keys'). False: every node "
-        "copies from the publisher.",
+        "stalls fetches from the publisher instead. The daemon's transfers only: a cron "
+        "run copies from the publisher. Needs 'glance-image-sync serve' as the peers' "
+        "forced command ('glance-image-sync ssh-keys'). False: every node copies from "
+        "the publisher.",
     ),
     cfg.IntOpt(
         "relay_wait",

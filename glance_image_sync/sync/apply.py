@@ -15,6 +15,8 @@ events leaves the same store.
 
 from __future__ import annotations
 
+import datetime
+import math
 from dataclasses import dataclass
 
 from oslo_log import log as logging
@@ -176,7 +178,7 @@ class ImageSync:
         def fetch(path):
             if source.relay:
                 self.rsync.stream(source.node, event.image_id, path, event.size,
-                                  self.relay_wait)
+                                  relay_wait_left(event.timestamp, self.relay_wait))
             else:
                 self.rsync.fetch(source.node, event.image_id, path, event.size)
 
@@ -186,6 +188,24 @@ class ImageSync:
         except (TransferFailed, StoreError) as exc:
             return exc
         return None
+
+
+def relay_wait_left(timestamp: str | None, relay_wait: int, now=None) -> int:
+    """What is left of ``relay_wait`` since Glance sent the event (all of it if unknown).
+
+    Every node receives an upload's event within moments, so the node before
+    this one starts receiving within ``relay_wait`` of that or not soon: a
+    node that catches up on old events does not wait for it per image. The
+    clocks of the nodes may differ a little; the wait stays within 0 and
+    ``relay_wait`` whatever they say.
+    """
+    try:
+        sent = datetime.datetime.strptime(timestamp or "", "%Y-%m-%d %H:%M:%S.%f")
+    except ValueError:
+        return relay_wait
+    now = now or datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    age = (now - sent).total_seconds()
+    return max(0, min(relay_wait, math.ceil(relay_wait - age)))
 
 
 def _cause(event) -> Cause:
