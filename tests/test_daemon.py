@@ -129,6 +129,7 @@ def test_a_wedged_consumer_stops_the_watchdog_pings(cluster, monkeypatch):
     assert not thread.is_alive()
 
 
+@pytest.mark.exclusive  # restarts the shared RabbitMQ
 def test_daemons_reconnect_after_a_rabbitmq_restart(cluster):
     start_all(cluster)
     marks = {node.name: node.log.stat().st_size for node in cluster.nodes}

@@ -51,6 +51,7 @@ def md5s(images):
     return {image_id: md5 for image_id, (md5, _) in images.items()}
 
 
+@pytest.mark.exclusive  # restarts the shared RabbitMQ
 @pytest.mark.cluster_setup(durable=True)
 def test_a_broker_restart_during_a_burst_of_50_uploads_loses_nothing(cluster):
     for node in cluster.nodes:
@@ -232,6 +233,7 @@ def short_consumer_timeout():
         set_env("channel_tick_interval", 60_000)
 
 
+@pytest.mark.exclusive  # consumer_timeout is the broker's, for every connection
 @pytest.mark.cluster_config(consumer_timeout=10, rsync_bwlimit=1024)  # 1 MiB/s
 def test_a_transfer_longer_than_consumer_timeout_is_neither_lost_nor_restarted(
         cluster, short_consumer_timeout):
