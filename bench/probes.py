@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import subprocess
 import time
 import uuid
 
@@ -193,6 +194,18 @@ def disk_sectors(path) -> dict:
     return {"read": int(fields[2]), "written": int(fields[6])}
 
 
+def resident_fraction(path) -> float | None:
+    """How much of a file is in the page cache (util-linux's fincore); None if unknown."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output",
+                              "RES,SIZE", "--", str(path)], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    resident, size = int(out[0]), int(out[1])
+    return resident / size if size else 1.0
+
+
 def meminfo(key) -> int:
     for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -209,7 +222,7 @@ class Window:
     machine ("others": other work on a shared machine, and whatever started
     and ended within the window outside the groups); the machine's busy,
     idle, softirq and steal time. The disk's reads and writes, the dirty page
-    cache at either end.
+    cache at either end, and how much of the image read was in it at the start.
     """
 
     def __init__(self, cluster, groups, quiet_wait=15.0):
@@ -222,8 +235,10 @@ class Window:
                 "machine": machine_cpu(), "census": process_census(),
                 "disk": disk_sectors(self.cluster.base), "dirty": meminfo("Dirty")}
 
-    def start(self):
+    def start(self, image=None):
+        """Start measuring (after a quiet moment); ``image``: the file about to be read."""
         self.idle_before = quiet_moment(self.quiet_wait)
+        self.resident = resident_fraction(image) if image else None
         self.before = self._sample()
         self.started = time.monotonic()
         return self.started
@@ -246,6 +261,7 @@ class Window:
         return {
             "seconds": seconds,
             "idle_before": self.idle_before,
+            "image_resident_at_start": self.resident,
             "cpu_seconds": groups,
             "daemon_own_cpu_seconds": {
                 name: after["daemons"][name] - before["daemons"][name]

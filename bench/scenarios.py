@@ -347,7 +347,7 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
                                                                f"{node.name}_floor"))
                 done[node.name] = time.monotonic() - started
 
-            started = window.start()
+            started = window.start(node1.path(image_id))
             parallel([functools.partial(copy, node) for node in peers])
             measured = window.stop()
             measured["peer_seconds"] = done
@@ -371,7 +371,7 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
                         done[node.name] = time.monotonic() - started
                 return len(done) == len(peers)
 
-            started = window.start()
+            started = window.start(node1.path(image_id))
             cluster.upload(image_id, md5, size)
             wait_for(arrived, 600, interval=0.005, what="the image on both peers")
             measured = window.stop()
@@ -433,9 +433,9 @@ def _roles(measured) -> dict:
 
 DIAGNOSTICS = {  # kind: what it is, in the comparison column
     "ours_publisher_stopped": "node1's daemon stopped",
-    "ours_synced": "image written to disk before the notifications",
-    "ours_cached": "image in place all run (a hard link)",
-    "floor_cached": "floor on that image",
+    "ours_synced": "image on disk before the notifications",
+    "ours_cached": "image in place all run",
+    "floor_cached": "plain floor on that image",
 }
 
 
@@ -449,8 +449,10 @@ def _replication_result(size, rounds, windows) -> Result:
     ratio = mine / floors["plain"]
     bound = verified_bound(floors["plain"], 2 * size)
     diagnostics = {kind: best[kind]["seconds"] for kind in DIAGNOSTICS if kind in best}
+    # CPU seconds by who spent them, each kind's median over its rounds.
     cpu = {kind: {role: statistics.median(roles[role] for roles in map(_roles, measured))
                   for role in _roles(measured[0])} for kind, measured in windows.items()}
+    ours = cpu["ours_fresh"]
     numbers = {
         **floor_numbers(mine, floors, bound),
         "rounds": [m["seconds"] for m in windows["ours_fresh"]],
@@ -459,24 +461,27 @@ def _replication_result(size, rounds, windows) -> Result:
         **{f"{kind}_seconds": seconds for kind, seconds in diagnostics.items()},
         **{f"{kind}_ratio": seconds / floors["plain"] for kind, seconds in
            diagnostics.items()},
-        # CPU seconds of the nodes' processes (sshd, rsync, ssh, the daemons): on
-        # two cores kept busy, the time follows them; they vary less than it.
-        "cpu_seconds": cpu["ours_fresh"]["tool_and_rsync"],
-        "floor_cpu_seconds": cpu["floor_plain"]["tool_and_rsync"],
-        "cpu_ratio": cpu["ours_fresh"]["tool_and_rsync"] / cpu["floor_plain"]["tool_and_rsync"],
+        # The nodes' processes (sshd, rsync, ssh, the daemons): on two cores kept
+        # busy, the time follows their CPU seconds, which vary less than it.
+        "cpu_seconds": ours["tool_and_rsync"],
+        **{f"{'floor' if name == 'plain' else name + '_floor'}_cpu_seconds":
+           cpu[f"floor_{name}"]["tool_and_rsync"] for name in FLOORS},
+        "cpu_ratio": ours["tool_and_rsync"] / cpu["floor_plain"]["tool_and_rsync"],
+        "receivers_daemons_cpu_seconds": ours["receivers_daemon_own"],
+        "publisher_check_cpu_in_window_seconds": ours["publisher_daemon"],
         "publisher_check_cpu_seconds": statistics.median(
             m["publisher_check_cpu_seconds"] for m in windows["ours_fresh"]),
         "publisher_check_done_seconds": statistics.median(
             m["publisher_check_done_seconds"] for m in windows["ours_fresh"]),
+        # What else ran: CPU seconds of the rest of the machine beside ours.
+        "others_cpu_seconds": ours["others"],
         "load_at_end": os.getloadavg()[0],
-        # CPU seconds by who spent them, each kind's median over the rounds; then
-        # every round's details.
         "cpu_seconds_median": cpu,
-        "windows": windows,
+        "windows": windows,  # every round's details
     }
-    extra = "".join(f"; {what}: {diagnostics[kind]:.2f} s "
-                    f"({diagnostics[kind] / floors['plain']:.2f}x)"
-                    for kind, what in DIAGNOSTICS.items() if kind in diagnostics)
+    extra = ("; diagnostics of the same run, against the floor: " + ", ".join(
+        f"{what} {diagnostics[kind] / floors['plain']:.2f}x"
+        for kind, what in DIAGNOSTICS.items() if kind in diagnostics)) if diagnostics else ""
     return Result(
         "replication_time", f"replication of a new {size // MiB} MiB upload to 2 peers "
         f"(best of {rounds}, alternating with the floors)",
