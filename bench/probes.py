@@ -254,8 +254,9 @@ class Window:
         grouped = before["members"] | after["members"]
         for pid, (kind, cpu) in after["census"].items():
             kind = "bench" if pid == os.getpid() else kind
-            if kind in outside and pid in before["census"] and pid not in grouped:
-                outside[kind] += cpu - before["census"][pid][1]
+            if kind in outside and pid not in grouped:
+                # A thread the kernel started meanwhile (a writeback worker) counts whole.
+                outside[kind] += cpu - before["census"].get(pid, (kind, 0.0))[1]
         disk = {key: (after["disk"][key] - before["disk"][key]) * 512 / MiB
                 for key in after["disk"]}
         return {
@@ -269,8 +270,11 @@ class Window:
             "kernel_threads_cpu_seconds": outside["kernel"],
             "broker_cpu_seconds": outside["broker"],
             "bench_cpu_seconds": outside["bench"],
-            "others_cpu_seconds": machine["busy"] - sum(groups.values()) - outside["kernel"]
-            - outside["broker"] - outside["bench"],
+            # /proc/stat counts in ticks (10 ms), the groups to the nanosecond: on a
+            # quiet machine the rest comes out a few ticks below nothing.
+            "others_cpu_seconds": max(0.0, machine["busy"] - sum(groups.values())
+                                      - outside["kernel"] - outside["broker"]
+                                      - outside["bench"]),
             "machine_busy_cpu_seconds": machine["busy"],
             "machine_idle_seconds": machine["idle"] + machine["iowait"],
             "machine_softirq_seconds": machine["softirq"],

@@ -309,6 +309,7 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
     Each measurement waits up to ``quiet_wait`` seconds for a quiet machine
     (quiet_moment). ``extra_config``: options for every node (LocalCluster).
     """
+    load_at_start = os.getloadavg()[0]
     with CpuGroups() as groups, LocalCluster(extra_config=extra_config) as cluster:
         node1, peers = cluster["node1"], cluster.nodes[1:]
         for node in cluster.nodes:
@@ -406,7 +407,7 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
                 windows[f"{side}_{kind}"].append(
                     ours(kind) if side == "ours" else
                     floor("plain", cached=True) if kind == "cached" else floor(kind))
-        return _replication_result(size, rounds, windows)
+        return _replication_result(size, rounds, windows, load_at_start)
 
 
 def _roles(measured) -> dict:
@@ -439,7 +440,7 @@ DIAGNOSTICS = {  # kind: what it is, in the comparison column
 }
 
 
-def _replication_result(size, rounds, windows) -> Result:
+def _replication_result(size, rounds, windows, load_at_start) -> Result:
     # Best of the rounds, every kind: on a shared machine a round is only ever
     # slowed down by something else, never sped up.
     best = {kind: min(measured, key=lambda m: m["seconds"]) for kind, measured in
@@ -453,6 +454,7 @@ def _replication_result(size, rounds, windows) -> Result:
     cpu = {kind: {role: statistics.median(roles[role] for roles in map(_roles, measured))
                   for role in _roles(measured[0])} for kind, measured in windows.items()}
     ours = cpu["ours_fresh"]
+    resident = [m["image_resident_at_start"] for m in windows.get("floor_cached", [])]
     numbers = {
         **floor_numbers(mine, floors, bound),
         "rounds": [m["seconds"] for m in windows["ours_fresh"]],
@@ -461,6 +463,9 @@ def _replication_result(size, rounds, windows) -> Result:
         **{f"{kind}_seconds": seconds for kind, seconds in diagnostics.items()},
         **{f"{kind}_ratio": seconds / floors["plain"] for kind, seconds in
            diagnostics.items()},
+        # What this row measured before: an image in place all run, against its floor.
+        **({"cached_ratio_to_its_floor": diagnostics["ours_cached"]
+            / diagnostics["floor_cached"]} if "ours_cached" in diagnostics else {}),
         # The nodes' processes (sshd, rsync, ssh, the daemons): on two cores kept
         # busy, the time follows their CPU seconds, which vary less than it.
         "cpu_seconds": ours["tool_and_rsync"],
@@ -475,13 +480,25 @@ def _replication_result(size, rounds, windows) -> Result:
             m["publisher_check_done_seconds"] for m in windows["ours_fresh"]),
         # What else ran: CPU seconds of the rest of the machine beside ours.
         "others_cpu_seconds": ours["others"],
+        # The disk's writes meanwhile: ours are the two copies, fsynced; a plain
+        # floor's copies stay in the page cache unless the kernel starts writing
+        # them back (dirty pages past vm.dirty_background_ratio).
+        **{f"{kind}_disk_written_mib": statistics.median(
+            m["disk_written_mib"] for m in windows[kind])
+           for kind in ("ours_fresh", "floor_plain", "floor_cached") if kind in windows},
+        # How much of the image in place all run was still in the page cache.
+        **({"cached_image_resident_fraction": statistics.median(resident)}
+           if resident and None not in resident else {}),
+        "load_at_start": load_at_start,
         "load_at_end": os.getloadavg()[0],
         "cpu_seconds_median": cpu,
         "windows": windows,  # every round's details
     }
     extra = ("; diagnostics of the same run, against the floor: " + ", ".join(
         f"{what} {diagnostics[kind] / floors['plain']:.2f}x"
-        for kind, what in DIAGNOSTICS.items() if kind in diagnostics)) if diagnostics else ""
+        for kind, what in DIAGNOSTICS.items() if kind in diagnostics)
+        + f" (ours on it {numbers['cached_ratio_to_its_floor']:.2f}x that floor)"
+        if diagnostics else "")
     return Result(
         "replication_time", f"replication of a new {size // MiB} MiB upload to 2 peers "
         f"(best of {rounds}, alternating with the floors)",
