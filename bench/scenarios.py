@@ -302,10 +302,10 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
     and sends its notifications, with every node's daemon running, node1's
     included: it checks its own new image while its peers pull it. Each floor
     copies an image just written the same way. With ``diagnose``, each round
-    also measures the same with the image written to disk before the
-    notifications ("synced"), with node1's daemon stopped, and, ours and the
-    plain floor, on an image in place for the whole run, read by every
-    round before (a hard link to it: "cached", what this row measured once).
+    also measures ours with node1's daemon stopped, and ours and the plain
+    floor on an image written to disk before the notifications ("synced") and
+    on one in place all run, read by every round before (a hard link to it:
+    "cached", what this row measured once).
     Each measurement waits up to ``quiet_wait`` seconds for a quiet machine
     (quiet_moment). ``extra_config``: options for every node (LocalCluster).
     """
@@ -324,22 +324,22 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
         window = Window(cluster, groups, quiet_wait)
         floor_dest = "/var/lib/glance/images/floor-copy"
 
-        def fresh_image(sync=False):
+
+        def image(kind):
+            """A new image in node1's store, just written ("fresh"), or written and
+            then on disk ("synced"); or a hard link to the one in place ("cached")."""
             image_id = str(uuid.uuid4())
             os.sync()  # nothing of the previous measurement left to write
+            if kind == "cached":
+                os.link(node1.path(cached), node1.path(image_id))
+                return image_id, cached_md5
             md5, _ = glance_write(node1, source, image_id)
-            if sync:
+            if kind == "synced":
                 os.sync()
             return image_id, md5
 
-        def link_cached():
-            image_id = str(uuid.uuid4())
-            os.link(node1.path(cached), node1.path(image_id))
-            os.sync()
-            return image_id, cached_md5
-
-        def floor(name, cached=False):
-            image_id, _ = link_cached() if cached else fresh_image()
+        def floor(name="plain", kind="fresh"):
+            image_id, _ = image(kind)
             done = {}
 
             def copy(node):
@@ -357,13 +357,11 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
             node1.path(image_id).unlink()
             return measured
 
-        def ours(kind):
-            stop_publisher = kind == "publisher_stopped"
-            if stop_publisher:
+        def ours(kind="fresh", publisher=True):
+            if not publisher:
                 node1.stop_daemon()
-            image_id, md5 = (link_cached() if kind == "cached"
-                             else fresh_image(sync=kind == "synced"))
-            publisher_read = None if stop_publisher else bytes_read(node1.daemon.pid)
+            image_id, md5 = image(kind)
+            publisher_read = bytes_read(node1.daemon.pid) if publisher else None
             done = {}
 
             def arrived():
@@ -377,13 +375,7 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
             wait_for(arrived, 600, interval=0.005, what="the image on both peers")
             measured = window.stop()
             measured["peer_seconds"] = done
-            if stop_publisher:
-                node1.start_daemon()
-                groups.add("node1_daemon", node1.daemon.pid)
-                queue = topology.node_queue_name("node1")
-                wait_for(lambda: cluster.queue_depths().get(queue) == 0, 600, interval=0.5,
-                         what="node1's check of its own image")
-            else:
+            if publisher:
                 # node1's check of its own image (a full read of it), at nice 19:
                 # when it ends, and what it cost in all.
                 wait_for(lambda: bytes_read(node1.daemon.pid) - publisher_read >= size, 600,
@@ -391,22 +383,34 @@ def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
                 measured["publisher_check_done_seconds"] = time.monotonic() - started
                 measured["publisher_check_cpu_seconds"] = (
                     window.stop()["daemon_own_cpu_seconds"]["node1"])
+            else:
+                node1.start_daemon()
+                groups.add("node1_daemon", node1.daemon.pid)
+                queue = topology.node_queue_name("node1")
+                wait_for(lambda: cluster.queue_depths().get(queue) == 0, 600, interval=0.5,
+                         what="node1's check of its own image")
             for node in peers:
                 node.path(image_id).unlink()
             node1.path(image_id).unlink()
             return measured
 
-        plan = [*(("floor", name) for name in FLOORS), ("ours", "fresh")]
+        # Each round measures these in this order, the floors alternating with ours.
+        plan = {"floor_plain": floor, "ours_fresh": ours,
+                "floor_durable": functools.partial(floor, "durable"),
+                "floor_same_ssh": functools.partial(floor, "same_ssh")}
         if diagnose:
-            plan = [("floor", "plain"), ("ours", "fresh"), ("floor", "durable"),
-                    ("ours", "publisher_stopped"), ("floor", "same_ssh"), ("ours", "synced"),
-                    ("floor", "cached"), ("ours", "cached")]
-        windows = {f"{side}_{kind}": [] for side, kind in plan}
+            plan = {"floor_plain": floor, "ours_fresh": ours,
+                    "floor_durable": functools.partial(floor, "durable"),
+                    "ours_publisher_stopped": functools.partial(ours, publisher=False),
+                    "floor_same_ssh": functools.partial(floor, "same_ssh"),
+                    "floor_synced": functools.partial(floor, "plain", "synced"),
+                    "ours_synced": functools.partial(ours, "synced"),
+                    "floor_cached": functools.partial(floor, "plain", "cached"),
+                    "ours_cached": functools.partial(ours, "cached")}
+        windows = {kind: [] for kind in plan}
         for _ in range(rounds):
-            for side, kind in plan:
-                windows[f"{side}_{kind}"].append(
-                    ours(kind) if side == "ours" else
-                    floor("plain", cached=True) if kind == "cached" else floor(kind))
+            for kind, measure in plan.items():
+                windows[kind].append(measure())
         return _replication_result(size, rounds, windows, load_at_start)
 
 
@@ -432,11 +436,12 @@ def _roles(measured) -> dict:
     }
 
 
-DIAGNOSTICS = {  # kind: what it is, in the comparison column
-    "ours_publisher_stopped": "node1's daemon stopped",
-    "ours_synced": "image on disk before the notifications",
-    "ours_cached": "image in place all run",
-    "floor_cached": "plain floor on that image",
+# The diagnostic rounds: ours, the floor it is compared with, what differs from
+# a new upload with every daemon running.
+DIAGNOSTICS = {
+    "ours_publisher_stopped": ("floor_plain", "node1's daemon stopped"),
+    "ours_synced": ("floor_synced", "image on disk before the notifications"),
+    "ours_cached": ("floor_cached", "image in place all run"),
 }
 
 
@@ -449,7 +454,8 @@ def _replication_result(size, rounds, windows, load_at_start) -> Result:
     floors = {name: best[f"floor_{name}"]["seconds"] for name in FLOORS}
     ratio = mine / floors["plain"]
     bound = verified_bound(floors["plain"], 2 * size)
-    diagnostics = {kind: best[kind]["seconds"] for kind in DIAGNOSTICS if kind in best}
+    diagnostics = {kind: (best[kind]["seconds"], best[floor]["seconds"])
+                   for kind, (floor, _) in DIAGNOSTICS.items() if kind in best}
     # CPU seconds by who spent them, each kind's median over its rounds.
     cpu = {kind: {role: statistics.median(roles[role] for roles in map(_roles, measured))
                   for role in _roles(measured[0])} for kind, measured in windows.items()}
@@ -460,12 +466,13 @@ def _replication_result(size, rounds, windows, load_at_start) -> Result:
         "rounds": [m["seconds"] for m in windows["ours_fresh"]],
         **{f"{name}_floor_rounds": [m["seconds"] for m in windows[f"floor_{name}"]]
            for name in FLOORS},
-        **{f"{kind}_seconds": seconds for kind, seconds in diagnostics.items()},
-        **{f"{kind}_ratio": seconds / floors["plain"] for kind, seconds in
+        # Each diagnostic round against its own floor (the plain floor of the same
+        # kind of image).
+        **{f"{kind}_seconds": seconds for kind, (seconds, _) in diagnostics.items()},
+        **{f"{DIAGNOSTICS[kind][0]}_seconds": floor for kind, (_, floor) in
+           diagnostics.items() if DIAGNOSTICS[kind][0] != "floor_plain"},
+        **{f"{kind}_ratio": seconds / floor for kind, (seconds, floor) in
            diagnostics.items()},
-        # What this row measured before: an image in place all run, against its floor.
-        **({"cached_ratio_to_its_floor": diagnostics["ours_cached"]
-            / diagnostics["floor_cached"]} if "ours_cached" in diagnostics else {}),
         # The nodes' processes (sshd, rsync, ssh, the daemons): on two cores kept
         # busy, the time follows their CPU seconds, which vary less than it.
         "cpu_seconds": ours["tool_and_rsync"],
@@ -485,7 +492,8 @@ def _replication_result(size, rounds, windows, load_at_start) -> Result:
         # them back (dirty pages past vm.dirty_background_ratio).
         **{f"{kind}_disk_written_mib": statistics.median(
             m["disk_written_mib"] for m in windows[kind])
-           for kind in ("ours_fresh", "floor_plain", "floor_cached") if kind in windows},
+           for kind in ("ours_fresh", "floor_plain", "floor_synced", "floor_cached")
+           if kind in windows},
         # How much of the image in place all run was still in the page cache.
         **({"cached_image_resident_fraction": statistics.median(resident)}
            if resident and None not in resident else {}),
@@ -494,11 +502,9 @@ def _replication_result(size, rounds, windows, load_at_start) -> Result:
         "cpu_seconds_median": cpu,
         "windows": windows,  # every round's details
     }
-    extra = ("; diagnostics of the same run, against the floor: " + ", ".join(
-        f"{what} {diagnostics[kind] / floors['plain']:.2f}x"
-        for kind, what in DIAGNOSTICS.items() if kind in diagnostics)
-        + f" (ours on it {numbers['cached_ratio_to_its_floor']:.2f}x that floor)"
-        if diagnostics else "")
+    extra = "".join(
+        f"; {DIAGNOSTICS[kind][1]}: {seconds:.2f} s, {seconds / floor:.2f}x its floor "
+        f"({floor:.2f} s)" for kind, (seconds, floor) in diagnostics.items())
     return Result(
         "replication_time", f"replication of a new {size // MiB} MiB upload to 2 peers "
         f"(best of {rounds}, alternating with the floors)",
