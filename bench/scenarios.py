@@ -7,6 +7,7 @@ run) or the baseline it is compared with.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -296,7 +297,7 @@ def detection_latency(events=200) -> Result:
             {"p50_ms": p50, "p99_ms": p99, "max_ms": max(ms), "samples": len(ms)})
 
 
-def replication_time(size=GiB, rounds=5, extra_config=None, diagnose=True,
+def replication_time(size=GiB, rounds=3, extra_config=None, diagnose=True,
                      quiet_wait=15.0) -> Result:
     """A user's upload -> verified at its final path on both peers, vs plain rsync.
 
@@ -739,10 +740,23 @@ ALL = {
     # A new ssh connection for every image, as before connections were reused.
     "backlog_persist_0": lambda **kw: backlog(control_persist=0, **kw),
 }
+
+
+def replication_without_relay(**kwargs) -> Result:
+    """The replication row with ``relay = false``: both peers copy from node1 at once,
+    where with the relay node3 streams from node2 (what the relay costs on a link
+    that does not limit)."""
+    result = replication_time(extra_config={"relay": "false"}, diagnose=False, **kwargs)
+    return dataclasses.replace(result, name="replication_without_relay",
+                               what=result.what + ", relay = false")
+
+
+ALL["replication_without_relay"] = replication_without_relay
 ALL = {name: leaves_the_process_as_found(scenario) for name, scenario in ALL.items()}
 QUICK = {
     "detection_latency": dict(events=30),
     "replication_time": dict(size=128 * MiB, rounds=1, quiet_wait=2.0),
+    "replication_without_relay": dict(size=128 * MiB, rounds=1, quiet_wait=2.0),
     "idle_cost": dict(seconds=10),
     "memory_under_load": dict(size=256 * MiB),
     "fanout_throughput": dict(count=3000, naive_count=500),

@@ -21,6 +21,7 @@ MACHINE = {"cpu": "a test machine", "memory": "-", "kernel": "-", "python": "-",
 TINY = {
     "detection_latency": dict(events=5),
     "replication_time": dict(size=16 * MiB, rounds=1, quiet_wait=0.0),
+    "replication_without_relay": dict(size=16 * MiB, rounds=1, quiet_wait=0.0),
     "idle_cost": dict(seconds=2),
     "memory_under_load": dict(size=32 * MiB),
     "fanout_throughput": dict(count=500, naive_count=100),
