@@ -18,9 +18,12 @@ import sys
 import time
 from dataclasses import asdict
 
-from bench import scenarios
+from bench import relaying, scenarios
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# Each scenario returns a Result, or a list of them (one row each).
+ALL = {**scenarios.ALL, **relaying.SCENARIOS}
+QUICK = {**scenarios.QUICK, **relaying.QUICK}
 
 
 def disk_write_mb_per_s(size=512 * 1024 * 1024) -> float:
@@ -133,7 +136,7 @@ def update_readme(results, info, started) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a quick try")
-    parser.add_argument("--only", nargs="+", choices=sorted(scenarios.ALL), default=None)
+    parser.add_argument("--only", nargs="+", choices=sorted(ALL), default=None)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--readme", action="store_true",
                         help="also put the table in README.rst")
@@ -145,13 +148,14 @@ def main(argv=None) -> int:
     info = machine()
     started = time.time()
     results = []
-    for name in args.only or list(scenarios.ALL):
+    for name in args.only or list(ALL):
         settle()
         print(f"[bench] {name} (load {os.getloadavg()[0]:.2f}) ...", flush=True)
-        result = scenarios.ALL[name](**(scenarios.QUICK[name] if args.quick else {}))
-        print(f"[bench]   {result.measured}  (target {result.target}; {result.comparison})",
-              flush=True)
-        results.append(result)
+        rows = ALL[name](**(QUICK.get(name, {}) if args.quick else {}))
+        for result in rows if isinstance(rows, list) else [rows]:
+            print(f"[bench]   {result.measured}  (target {result.target}; "
+                  f"{result.comparison})", flush=True)
+            results.append(result)
     stem = "quick" if args.quick else "latest"
     if args.merge and (args.out / f"{stem}.json").exists():
         earlier = json.loads((args.out / f"{stem}.json").read_text())

@@ -7,13 +7,16 @@ run) or the baseline it is compared with.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import os
 import pathlib
 import re
+import statistics
 import subprocess
 import threading
 import time
@@ -23,13 +26,14 @@ from dataclasses import dataclass, field
 import kombu
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
+from bench.probes import CpuGroups, Window
 from glance_image_sync import opts, service
 from glance_image_sync.broker import topology
 from glance_image_sync.broker.loop import ONCE_QUIET_SECONDS
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.fanout import notifications
 from glance_image_sync.fanout.consumer import fanout_loop
-from tools.localcluster import LocalCluster, wait_for
+from tools.localcluster import STORE_GID, STORE_UID, LocalCluster, wait_for
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -69,9 +73,10 @@ class LogFollower:
         self.offset += cut
         self.lines += data[:cut].decode("utf-8", "replace").splitlines()
 
-    def time_of(self, needle):
+    def time_of(self, *needles):
+        """The time of the first line that holds any of ``needles``."""
         for line in self.lines:
-            if needle in line:
+            if any(needle in line for needle in needles):
                 match = self.STAMP.match(line)
                 return datetime.datetime.strptime(match.group(1),
                                                   "%Y-%m-%d %H:%M:%S.%f").timestamp()
@@ -119,13 +124,15 @@ FLOORS = {  # name: (ssh options, rsync options)
 }
 
 
-def plain_rsync(cluster, node, source_paths, dest, floor="plain"):
-    """A floor (see FLOORS): rsync of ``source_paths`` from node1 over the cluster's ssh."""
+def plain_rsync(cluster, node, source_paths, dest, floor="plain", wrap=None):
+    """A floor (see FLOORS): rsync of ``source_paths`` from node1 over the cluster's ssh.
+
+    ``wrap``: what the command line goes through first (CpuGroups.wrap)."""
     ssh_options, rsync_options = FLOORS[floor]
     ssh = " ".join(["ssh", "-F", str(cluster.ssh_config), *ssh_options])
     remote = [f"root@node1:{path}" for path in source_paths]
-    subprocess.run(node.command(["rsync", "-e", ssh, *rsync_options, "--", *remote, dest]),
-                   check=True, stdout=subprocess.DEVNULL)
+    argv = node.command(["rsync", "-e", ssh, *rsync_options, "--", *remote, dest])
+    subprocess.run(wrap(argv) if wrap else argv, check=True, stdout=subprocess.DEVNULL)
 
 
 def floor_comparison(floor: str, mine: float, floors: dict, bound: float) -> str:
@@ -186,7 +193,6 @@ def ready_messages(cluster, queues):
 
 def md5_seconds_per_byte() -> float:
     """What hashing costs on this machine's CPU (hashlib, as the daemon hashes)."""
-    import hashlib
     data = os.urandom(64 * MiB)
     digest = hashlib.md5(usedforsecurity=False)
     started = time.process_time()
@@ -210,11 +216,51 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
+# -- a real upload, and what the machine does meanwhile ------------------------------
+
+# glance_store's filesystem driver writes an upload in chunks of this size.
+GLANCE_WRITE_CHUNK = 64 * 1024
+
+
+def random_file(path, size):
+    with open(path, "wb") as f:
+        remaining = size
+        while remaining:
+            chunk = os.urandom(min(remaining, MiB))
+            f.write(chunk)
+            remaining -= len(chunk)
+
+
+def glance_write(node, source, image_id) -> tuple[str, int]:
+    """Write a new image into ``node``'s store as glance_store's filesystem driver does.
+
+    ``<datadir>/<id>`` opened for writing and written 64 KiB at a time, md5
+    (the checksum) and sha512 (os_hash_value) computed chunk by chunk, no
+    fsync (the driver has none), then owned by Glance's user. The data are
+    ``source``'s with the image id in its first bytes: new data, a new md5.
+    Returns (md5, size).
+    """
+    md5, os_hash = hashlib.md5(usedforsecurity=False), hashlib.sha512()
+    path = node.path(image_id)
+    stamp = image_id.encode()
+    size = 0
+    with open(source, "rb") as data, open(path, "wb") as f:
+        while chunk := data.read(GLANCE_WRITE_CHUNK):
+            if not size:
+                chunk = stamp + chunk[len(stamp):]
+            md5.update(chunk)
+            os_hash.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+    os.chown(path, STORE_UID, STORE_GID)
+    return md5.hexdigest(), size
+
+
 # -- the measurements ----------------------------------------------------------
 
 
 def detection_latency(events=200) -> Result:
-    """Notification published -> rsync started on every peer."""
+    """Notification published -> a transfer started on every peer."""
     with LocalCluster() as cluster:
         for node in cluster.nodes:
             node.start_daemon()
@@ -225,15 +271,16 @@ def detection_latency(events=200) -> Result:
             image_id, md5, size = cluster.new_image("node1", size=4096)
             published = time.time()
             cluster.notify("image.upload", image_id, md5, size)
-            needle = f"image {image_id}: fetching from node1"
+            # node2 copies from node1; node3 streams from node2 (the relay).
+            needles = (f"image {image_id}: fetching from ", f"image {image_id}: streaming from ")
 
-            def started(needle=needle):
+            def started(needles=needles):
                 for follower in peers:
                     follower.poll()
-                return all(follower.time_of(needle) for follower in peers)
+                return all(follower.time_of(*needles) for follower in peers)
 
-            wait_for(started, 30, interval=0.002, what="the peers' rsync to start")
-            samples += [follower.time_of(needle) - published for follower in peers]
+            wait_for(started, 30, interval=0.002, what="the peers' transfers to start")
+            samples += [follower.time_of(*needles) - published for follower in peers]
             # Each event on a quiet cluster: what is measured is detection, not
             # a queue behind the previous event's ssh handshakes.
             wait_for(lambda image_id=image_id: all(
@@ -250,48 +297,224 @@ def detection_latency(events=200) -> Result:
             {"p50_ms": p50, "p99_ms": p99, "max_ms": max(ms), "samples": len(ms)})
 
 
-def replication_time(size=GiB, rounds=5) -> Result:
-    """Publish -> verified at the final path on both peers, vs plain rsync."""
-    with LocalCluster() as cluster:
+def replication_time(size=GiB, rounds=3, extra_config=None, diagnose=True,
+                     quiet_wait=15.0) -> Result:
+    """A user's upload -> verified at its final path on both peers, vs plain rsync.
+
+    Each round, Glance writes a new image into node1's store (glance_write)
+    and sends its notifications, with every node's daemon running, node1's
+    included: it checks its own new image while its peers pull it. Each floor
+    copies an image just written the same way. With ``diagnose``, each round
+    also measures ours with node1's daemon stopped, and ours and the plain
+    floor on an image written to disk before the notifications ("synced") and
+    on one in place all run, read by every round before (a hard link to it:
+    "cached", what this row measured once).
+    Each measurement waits up to ``quiet_wait`` seconds for a quiet machine
+    (quiet_moment). ``extra_config``: options for every node (LocalCluster).
+    """
+    load_at_start = os.getloadavg()[0]
+    with CpuGroups() as groups, LocalCluster(extra_config=extra_config) as cluster:
+        node1, peers = cluster["node1"], cluster.nodes[1:]
         for node in cluster.nodes:
             node.start_daemon()
-        source, md5, _ = cluster.new_image("node1", size=size)
-        ours, floors = [], {name: [] for name in FLOORS}
+            groups.add(f"{node.name}_daemon", node.daemon.pid)
+            groups.add(f"{node.name}_sshd", node.sshd.pid)
+        cluster.notifier("node1")  # connected before the clock starts
+        source = cluster.base / "upload-source"
+        random_file(source, size)
+        cached = str(uuid.uuid4())
+        cached_md5, _ = glance_write(node1, source, cached)
+        window = Window(cluster, groups, quiet_wait)
         floor_dest = "/var/lib/glance/images/floor-copy"
-        for _ in range(rounds):
-            for name, times in floors.items():
-                os.sync()  # no writeback of the previous copy in this one
-                times.append(parallel([
-                    lambda node=node, name=name: plain_rsync(
-                        cluster, node, [f"/var/lib/glance/images/{source}"], floor_dest,
-                        floor=name)
-                    for node in cluster.nodes[1:]]))
-                for node in cluster.nodes[1:]:
-                    (node.images / "floor-copy").unlink()
+
+
+        def image(kind):
+            """A new image in node1's store, just written ("fresh"), or written and
+            then on disk ("synced"); or a hard link to the one in place ("cached")."""
             image_id = str(uuid.uuid4())
-            os.link(cluster["node1"].path(source), cluster["node1"].path(image_id))
-            os.sync()
-            started = time.monotonic()
+            os.sync()  # nothing of the previous measurement left to write
+            if kind == "cached":
+                os.link(node1.path(cached), node1.path(image_id))
+                return image_id, cached_md5
+            md5, _ = glance_write(node1, source, image_id)
+            if kind == "synced":
+                os.sync()
+            return image_id, md5
+
+        def floor(name="plain", kind="fresh"):
+            image_id, _ = image(kind)
+            done = {}
+
+            def copy(node):
+                plain_rsync(cluster, node, [f"/var/lib/glance/images/{image_id}"], floor_dest,
+                            floor=name, wrap=functools.partial(groups.wrap,
+                                                               f"{node.name}_floor"))
+                done[node.name] = time.monotonic() - started
+
+            started = window.start(node1.path(image_id))
+            parallel([functools.partial(copy, node) for node in peers])
+            measured = window.stop()
+            measured["peer_seconds"] = done
+            for node in peers:
+                (node.images / "floor-copy").unlink()
+            node1.path(image_id).unlink()
+            return measured
+
+        def ours(kind="fresh", publisher=True):
+            if not publisher:
+                node1.stop_daemon()
+            image_id, md5 = image(kind)
+            publisher_read = bytes_read(node1.daemon.pid) if publisher else None
+            done = {}
+
+            def arrived():
+                for node in peers:
+                    if node.name not in done and node.path(image_id).exists():
+                        done[node.name] = time.monotonic() - started
+                return len(done) == len(peers)
+
+            started = window.start(node1.path(image_id))
             cluster.upload(image_id, md5, size)
-            wait_for(lambda image_id=image_id: all(
-                node.path(image_id).exists() for node in cluster.nodes[1:]), 600,
-                interval=0.005, what="the image on both peers")
-            ours.append(time.monotonic() - started)
-            for node in cluster.nodes[1:]:
+            wait_for(arrived, 600, interval=0.005, what="the image on both peers")
+            measured = window.stop()
+            measured["peer_seconds"] = done
+            if publisher:
+                # node1's check of its own image (a full read of it), at nice 19:
+                # when it ends, and what it cost in all.
+                wait_for(lambda: bytes_read(node1.daemon.pid) - publisher_read >= size, 600,
+                         interval=0.005, what="node1's check of its own image")
+                measured["publisher_check_done_seconds"] = time.monotonic() - started
+                measured["publisher_check_cpu_seconds"] = (
+                    window.stop()["daemon_own_cpu_seconds"]["node1"])
+            else:
+                node1.start_daemon()
+                groups.add("node1_daemon", node1.daemon.pid)
+                queue = topology.node_queue_name("node1")
+                wait_for(lambda: cluster.queue_depths().get(queue) == 0, 600, interval=0.5,
+                         what="node1's check of its own image")
+            for node in peers:
                 node.path(image_id).unlink()
-        # Best of the rounds, both sides: on a shared machine a round is only
-        # ever slowed down by something else, never sped up.
-        mine = min(ours)
-        best = {name: min(times) for name, times in floors.items()}
-        ratio = mine / best["plain"]
-        bound = verified_bound(best["plain"], 2 * size)
-        return Result(
-            "replication_time", f"replication of {size // MiB} MiB to 2 peers "
-            f"(best of {rounds}, alternating with the floors)",
-            f"{mine:.2f} s ({ratio:.2f}x the floor)", "<= 1.10x the floor",
-            floor_comparison("plain rsync to both peers in parallel", mine, best, bound),
-            ratio <= 1.10, {**floor_numbers(mine, best, bound), "rounds": ours,
-                            **{f"{name}_floor_rounds": times for name, times in floors.items()}})
+            node1.path(image_id).unlink()
+            return measured
+
+        # Each round measures these in this order, the floors alternating with ours.
+        plan = {"floor_plain": floor, "ours_fresh": ours,
+                "floor_durable": functools.partial(floor, "durable"),
+                "floor_same_ssh": functools.partial(floor, "same_ssh")}
+        if diagnose:
+            plan = {"floor_plain": floor, "ours_fresh": ours,
+                    "floor_durable": functools.partial(floor, "durable"),
+                    "ours_publisher_stopped": functools.partial(ours, publisher=False),
+                    "floor_same_ssh": functools.partial(floor, "same_ssh"),
+                    "floor_synced": functools.partial(floor, "plain", "synced"),
+                    "ours_synced": functools.partial(ours, "synced"),
+                    "floor_cached": functools.partial(floor, "plain", "cached"),
+                    "ours_cached": functools.partial(ours, "cached")}
+        windows = {kind: [] for kind in plan}
+        for _ in range(rounds):
+            for kind, measure in plan.items():
+                windows[kind].append(measure())
+        return _replication_result(size, rounds, windows, load_at_start)
+
+
+def _roles(measured) -> dict:
+    """A window's CPU seconds by what the processes do."""
+    cpu, threads = measured["cpu_seconds"], measured["daemon_own_cpu_seconds"]
+    receivers = sum(cpu.get(f"{node}_{group}", 0.0) for node in ("node2", "node3")
+                    for group in ("daemon", "floor"))
+    receivers_own = threads.get("node2", 0.0) + threads.get("node3", 0.0)
+    return {
+        "tool_and_rsync": sum(cpu.values()),
+        "publisher_sshd_rsync": cpu.get("node1_sshd", 0.0),
+        "publisher_daemon": cpu.get("node1_daemon", 0.0),
+        "receivers_daemon_own": receivers_own,
+        "receivers_rsync_ssh": receivers - receivers_own,
+        "peers_sshd": cpu.get("node2_sshd", 0.0) + cpu.get("node3_sshd", 0.0),
+        "kernel_threads": measured["kernel_threads_cpu_seconds"],
+        "broker": measured["broker_cpu_seconds"],
+        "bench": measured["bench_cpu_seconds"],
+        "others": measured["others_cpu_seconds"],
+        "machine_busy": measured["machine_busy_cpu_seconds"],
+        "machine_idle": measured["machine_idle_seconds"],
+    }
+
+
+# The diagnostic rounds: ours, the floor it is compared with, what differs from
+# a new upload with every daemon running.
+DIAGNOSTICS = {
+    "ours_publisher_stopped": ("floor_plain", "node1's daemon stopped"),
+    "ours_synced": ("floor_synced", "image on disk before the notifications"),
+    "ours_cached": ("floor_cached", "image in place all run"),
+}
+
+
+def _replication_result(size, rounds, windows, load_at_start) -> Result:
+    # Best of the rounds, every kind: on a shared machine a round is only ever
+    # slowed down by something else, never sped up.
+    best = {kind: min(measured, key=lambda m: m["seconds"]) for kind, measured in
+            windows.items()}
+    mine = best["ours_fresh"]["seconds"]
+    floors = {name: best[f"floor_{name}"]["seconds"] for name in FLOORS}
+    ratio = mine / floors["plain"]
+    bound = verified_bound(floors["plain"], 2 * size)
+    diagnostics = {kind: (best[kind]["seconds"], best[floor]["seconds"])
+                   for kind, (floor, _) in DIAGNOSTICS.items() if kind in best}
+    # CPU seconds by who spent them, each kind's median over its rounds.
+    cpu = {kind: {role: statistics.median(roles[role] for roles in map(_roles, measured))
+                  for role in _roles(measured[0])} for kind, measured in windows.items()}
+    ours = cpu["ours_fresh"]
+    resident = [m["image_resident_at_start"] for m in windows.get("floor_cached", [])]
+    numbers = {
+        **floor_numbers(mine, floors, bound),
+        "rounds": [m["seconds"] for m in windows["ours_fresh"]],
+        **{f"{name}_floor_rounds": [m["seconds"] for m in windows[f"floor_{name}"]]
+           for name in FLOORS},
+        # Each diagnostic round against its own floor (the plain floor of the same
+        # kind of image).
+        **{f"{kind}_seconds": seconds for kind, (seconds, _) in diagnostics.items()},
+        **{f"{DIAGNOSTICS[kind][0]}_seconds": floor for kind, (_, floor) in
+           diagnostics.items() if DIAGNOSTICS[kind][0] != "floor_plain"},
+        **{f"{kind}_ratio": seconds / floor for kind, (seconds, floor) in
+           diagnostics.items()},
+        # The nodes' processes (sshd, rsync, ssh, the daemons): on two cores kept
+        # busy, the time follows their CPU seconds, which vary less than it.
+        "cpu_seconds": ours["tool_and_rsync"],
+        **{f"{'floor' if name == 'plain' else name + '_floor'}_cpu_seconds":
+           cpu[f"floor_{name}"]["tool_and_rsync"] for name in FLOORS},
+        "cpu_ratio": ours["tool_and_rsync"] / cpu["floor_plain"]["tool_and_rsync"],
+        "receivers_daemons_cpu_seconds": ours["receivers_daemon_own"],
+        "publisher_check_cpu_in_window_seconds": ours["publisher_daemon"],
+        "publisher_check_cpu_seconds": statistics.median(
+            m["publisher_check_cpu_seconds"] for m in windows["ours_fresh"]),
+        "publisher_check_done_seconds": statistics.median(
+            m["publisher_check_done_seconds"] for m in windows["ours_fresh"]),
+        # What else ran: CPU seconds of the rest of the machine beside ours.
+        "others_cpu_seconds": ours["others"],
+        # The disk's writes meanwhile: ours are the two copies, fsynced; a plain
+        # floor's copies stay in the page cache unless the kernel starts writing
+        # them back (dirty pages past vm.dirty_background_ratio).
+        **{f"{kind}_disk_written_mib": statistics.median(
+            m["disk_written_mib"] for m in windows[kind])
+           for kind in ("ours_fresh", "floor_plain", "floor_synced", "floor_cached")
+           if kind in windows},
+        # How much of the image in place all run was still in the page cache.
+        **({"cached_image_resident_fraction": statistics.median(resident)}
+           if resident and None not in resident else {}),
+        "load_at_start": load_at_start,
+        "load_at_end": os.getloadavg()[0],
+        "cpu_seconds_median": cpu,
+        "windows": windows,  # every round's details
+    }
+    extra = "".join(
+        f"; {DIAGNOSTICS[kind][1]}: {seconds:.2f} s, {seconds / floor:.2f}x its floor "
+        f"({floor:.2f} s)" for kind, (seconds, floor) in diagnostics.items())
+    return Result(
+        "replication_time", f"replication of a new {size // MiB} MiB upload to 2 peers "
+        f"(best of {rounds}, alternating with the floors)",
+        f"{mine:.2f} s ({ratio:.2f}x the floor)", "<= 1.10x the floor",
+        floor_comparison("plain rsync of as new an upload to both peers in parallel", mine,
+                         floors, bound) + extra,
+        ratio <= 1.10, numbers)
 
 
 def idle_cost(seconds=60) -> Result:
@@ -517,10 +740,23 @@ ALL = {
     # A new ssh connection for every image, as before connections were reused.
     "backlog_persist_0": lambda **kw: backlog(control_persist=0, **kw),
 }
+
+
+def replication_without_relay(**kwargs) -> Result:
+    """The replication row with ``relay = false``: both peers copy from node1 at once,
+    where with the relay node3 streams from node2 (what the relay costs on a link
+    that does not limit)."""
+    result = replication_time(extra_config={"relay": "false"}, diagnose=False, **kwargs)
+    return dataclasses.replace(result, name="replication_without_relay",
+                               what=result.what + ", relay = false")
+
+
+ALL["replication_without_relay"] = replication_without_relay
 ALL = {name: leaves_the_process_as_found(scenario) for name, scenario in ALL.items()}
 QUICK = {
     "detection_latency": dict(events=30),
-    "replication_time": dict(size=128 * MiB, rounds=1),
+    "replication_time": dict(size=128 * MiB, rounds=1, quiet_wait=2.0),
+    "replication_without_relay": dict(size=128 * MiB, rounds=1, quiet_wait=2.0),
     "idle_cost": dict(seconds=10),
     "memory_under_load": dict(size=256 * MiB),
     "fanout_throughput": dict(count=3000, naive_count=500),

@@ -99,3 +99,14 @@ class Nodes:
         if publisher is None or publisher == self.this:
             return peers
         return (publisher,) + tuple(node for node in peers if node != publisher)
+
+    def chain(self, publisher: str) -> tuple[str, ...]:
+        """The order a new image travels in with the relay: the publisher, then the
+        nodes after it in api_nodes, wrapping around."""
+        start = self.all.index(publisher)
+        return self.all[start:] + self.all[:start]
+
+    def upstream(self, publisher: str) -> str:
+        """The node before this one in ``chain(publisher)``: where it streams from."""
+        chain = self.chain(publisher)
+        return chain[chain.index(self.this) - 1]

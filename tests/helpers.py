@@ -3,7 +3,7 @@
 from oslo_config import cfg
 
 from glance_image_sync import service
-from glance_image_sync.cmd import COMMAND_OPT
+from glance_image_sync.cmd.commands import COMMAND_OPT
 
 NODES = ("node1", "node2", "node3")
 

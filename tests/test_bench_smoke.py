@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import run, scenarios
+from bench import relaying, run, scenarios
 
 pytestmark = pytest.mark.cluster
 MiB = scenarios.MiB
@@ -20,7 +20,8 @@ MACHINE = {"cpu": "a test machine", "memory": "-", "kernel": "-", "python": "-",
            "rabbitmq": "-", "rsync": "-"}
 TINY = {
     "detection_latency": dict(events=5),
-    "replication_time": dict(size=16 * MiB, rounds=1),
+    "replication_time": dict(size=16 * MiB, rounds=1, quiet_wait=0.0),
+    "replication_without_relay": dict(size=16 * MiB, rounds=1, quiet_wait=0.0),
     "idle_cost": dict(seconds=2),
     "memory_under_load": dict(size=32 * MiB),
     "fanout_throughput": dict(count=500, naive_count=100),
@@ -60,3 +61,19 @@ def test_each_benchmark_runs_and_its_figures_agree_with_its_row(name):
     row = next(line for line in table.splitlines() if line.startswith(f"| {result.what} |"))
     assert row.endswith("| met |" if result.ok else "| **missed** |")
     assert result.measured in run.rst_table([result], MACHINE, 0.0)
+
+
+def test_the_relay_rows_run_and_their_figures_agree_with_their_rows():
+    rows = relaying.relay_scale(node_counts=(2, 3), size=2 * MiB)
+    assert [row.name for row in rows] == ["relay_2", "relay_3"]
+    for row in rows:
+        numbers = row.numbers
+        assert numbers["relay"] > 0 and numbers["naive"] > 0
+        assert numbers["ratio_to_naive"] == pytest.approx(numbers["relay"] / numbers["naive"])
+        # What the publisher's link sent was counted: at least one copy each way.
+        assert numbers["publisher_sent"] >= 1 and numbers["naive_publisher_sent"] >= 1
+        assert f"{numbers['relay']:.1f} s" in row.measured
+        assert isinstance(row.ok, bool)
+    # Three nodes without the relay: the publisher sends both copies.
+    assert rows[1].numbers["naive_publisher_sent"] >= 2
+    assert set(run.ALL) == set(scenarios.ALL) | {"relay_scale"}

@@ -64,7 +64,7 @@ def pull(cluster, remote, dest) -> subprocess.CompletedProcess:
         pytest.mark.cluster_config(rsync_remote_paths="relative")]),
 ])
 def test_a_key_restricted_to_read_only_rrsync_still_replicates(cluster, options):
-    assert cluster.authorized_keys.read_text().startswith(options + " ssh-")
+    assert cluster.authorized_keys.read_text().startswith(options + ",")
     first, first_md5, first_size = cluster.new_image("node1", size=3 * 1024 * 1024 + 5)
     second, second_md5, second_size = cluster.new_image("node3", size=1024 * 1024, mode=0o644)
     cluster.upload(first, first_md5, first_size)
@@ -253,10 +253,13 @@ def test_the_lines_ssh_keys_prints_are_all_a_cluster_needs(cluster):
         authorized |= set(doc["authorized_keys"].values())
         known |= {line for lines in doc["known_hosts"].values() for line in lines}
     # The nodes share one client key and one authorized_keys file here.
-    assert authorized == {f"{RRSYNC_RELATIVE_KEY_OPTIONS} "
+    serve = f'command="glance-image-sync serve --store {DATADIR}",restrict'
+    assert authorized == {f"{serve} "
                           + " ".join((cluster.base / "client_ed25519.pub").read_text().split()[:2])
                           + f" glance-image-sync@{name}" for name in ("node1", "node2", "node3")}
-    cluster.authorized_keys.write_text(sorted(authorized)[0] + "\n")
+    # The package puts glance-image-sync on the PATH; here it is the test's own.
+    cluster.authorized_keys.write_text(sorted(authorized)[0].replace(
+        "glance-image-sync serve", f"{' '.join(cluster.program)} serve", 1) + "\n")
     (cluster.base / "known_hosts").write_text("".join(line + "\n" for line in sorted(known)))
 
     image_id, md5, size = cluster.new_image("node2", size=256 * 1024)

@@ -10,8 +10,8 @@ import pytest
 from oslo_config import cfg
 from oslo_log import handlers, log
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import service
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.exceptions import ConfigError
 from glance_image_sync.settings import kombu_urls, redact_url
 

@@ -12,9 +12,9 @@ import time
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import service
 from glance_image_sync.broker import topology
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.daemon.supervisor import Supervisor
 from tests.clusterhelpers import free_port, queue_messages, scrape_until
 from tests.notifysocket import NotifySocket
@@ -129,6 +129,7 @@ def test_a_wedged_consumer_stops_the_watchdog_pings(cluster, monkeypatch):
     assert not thread.is_alive()
 
 
+@pytest.mark.exclusive  # restarts the shared RabbitMQ
 def test_daemons_reconnect_after_a_rabbitmq_restart(cluster):
     start_all(cluster)
     marks = {node.name: node.log.stat().st_size for node in cluster.nodes}

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from glance_image_sync import cmd as cli
 from glance_image_sync.admin import doctor, doctor_local, doctor_peers
 from glance_image_sync.admin.checks import FAIL, PASS, SKIP, failed, passed, skipped
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.exceptions import TransferFailed
 from tests.helpers import settings_for, write_config
 

@@ -19,6 +19,7 @@ from tools.localcluster import (
     DATADIR,
     RRSYNC_KEY_OPTIONS,
     RRSYNC_RELATIVE_KEY_OPTIONS,
+    SERVE_COMMAND,
     STORE_GID,
     STORE_UID,
     wait_for,
@@ -132,6 +133,8 @@ def test_a_revoked_key_fails_although_a_kept_connection_would_still_let_it_in(cl
     wait_for(lambda: control_sockets(node2) == [], 15, what="node2's kept connection retired")
 
 
+# rrsync itself as the forced command: no streams, so no relay.
+@pytest.mark.cluster_config(relay="false")
 def test_doctor_finds_which_form_of_remote_path_each_rrsync_takes(cluster):
     node2 = cluster["node2"]
     image_id, md5, size = cluster.new_image("node1", size=256 * 1024)
@@ -152,7 +155,7 @@ def test_doctor_finds_which_form_of_remote_path_each_rrsync_takes(cluster):
     assert "post-realpath open failed" in node2.log.read_text()
     assert not node2.has(image_id)
 
-    node2.write_config({"rsync_remote_paths": "relative"})
+    node2.write_config({"rsync_remote_paths": "relative", "relay": "false"})
     code, checks = doctor(node2)
     assert code == 0, failing(checks)
     assert "absolute would not name the store" in checks["peer node1: remote paths"]["detail"]
@@ -161,17 +164,18 @@ def test_doctor_finds_which_form_of_remote_path_each_rrsync_takes(cluster):
 
     cluster.authorize(RRSYNC_KEY_OPTIONS)  # rrsync -absolute takes both
     assert doctor(node2)[0] == 0
-    node2.write_config({})
+    node2.write_config({"relay": "false"})
     code, checks = doctor(node2)
     assert code == 0 and "so does relative" in checks["peer node1: remote paths"]["detail"]
 
     cluster.authorize(None)  # a key for anything: a relative path names root's home
-    node2.write_config({"rsync_remote_paths": "relative"})
+    node2.write_config({"rsync_remote_paths": "relative", "relay": "false"})
     code, checks = doctor(node2)
     assert set(failing(checks)) == {"peer node1: remote paths", "peer node3: remote paths"}
     assert "not restricted to it with rrsync" in checks["peer node1: remote paths"]["detail"]
 
 
+@pytest.mark.cluster_config(relay="false")
 def test_a_peer_store_that_rsync_user_cannot_read_fails_the_store_check(cluster):
     # The peers' rsync runs as the store's owner, without root's privileges, as a glance
     # user's would; then node3's store is made unreadable.
@@ -194,6 +198,24 @@ def test_a_peer_store_that_rsync_user_cannot_read_fails_the_store_check(cluster)
     assert "let rsync_user read the store" in checks["peer node3: store"]["fix"]
     assert checks["peer node3: remote paths"]["status"] == "SKIP"
     assert checks["peer node2: store"]["status"] == "PASS"
+
+
+def test_doctor_checks_that_each_peer_serves_the_relay_s_streams(cluster):
+    node2 = cluster["node2"]
+    image_id, md5, size = cluster.new_image("node1", size=64 * 1024)
+    cluster.upload(image_id, md5, size)
+    assert cluster["node1"].run("duplicate-notifications").returncode == 0
+    code, checks = doctor(node2)  # a key that may run anything: serve runs as asked
+    assert checks["peer node1: streams"]["status"] == "PASS", checks["peer node1: streams"]
+    cluster.authorize(RRSYNC_KEY_OPTIONS)  # rrsync alone refuses the stream request
+    code, checks = doctor(node2)
+    assert code == 1
+    assert set(failing(checks)) == {"peer node1: streams", "peer node3: streams"}
+    assert "glance-image-sync serve" in checks["peer node1: streams"]["fix"]
+    cluster.authorize(SERVE_COMMAND)  # what ssh-keys prints with relay on
+    code, checks = doctor(node2)
+    assert code == 0, failing(checks)
+    assert "so does relative" in checks["peer node1: remote paths"]["detail"]
 
 
 def test_state_dir_and_store_are_checked_as_the_user_doctor_runs_as(cluster):

@@ -1,5 +1,6 @@
 """Node names, and the event format of the per-node queues."""
 
+import datetime
 import json
 
 import pytest
@@ -8,6 +9,8 @@ from glance_image_sync import events
 from glance_image_sync.events import Action, ImageEvent
 from glance_image_sync.exceptions import Rejected
 from glance_image_sync.nodes import Nodes, normalize_hostname, same_host
+from glance_image_sync.sync.apply import relay_wait_left
+from glance_image_sync.sync.sources import Source, sources
 
 NODES = Nodes(["node1.example.com", "node2", "node3"], "node2.example.com")
 IMAGE = "b90e9b0f-36ce-43c1-b08c-9b4201f6571f"
@@ -91,3 +94,37 @@ def test_an_image_event_cannot_be_built_invalid():
         ImageEvent(Action.PRESENT, IMAGE, checksum=None, size=1)
     with pytest.raises(Rejected):
         ImageEvent(Action.ABSENT, "../x")
+
+
+def test_the_relay_waits_for_the_node_before_only_while_the_event_is_fresh():
+    sent = "2026-11-26 04:54:15.560352"
+    at = datetime.datetime(2026, 11, 26, 4, 54, 15, 560352)
+    assert relay_wait_left(sent, 10, now=at) == 10
+    assert relay_wait_left(sent, 10, now=at + datetime.timedelta(seconds=3.5)) == 7
+    assert relay_wait_left(sent, 10, now=at + datetime.timedelta(minutes=5)) == 0
+    # A clock ahead of ours, or no time at all: never more than relay_wait.
+    assert relay_wait_left(sent, 10, now=at - datetime.timedelta(minutes=5)) == 10
+    assert relay_wait_left(None, 10) == 10
+    assert relay_wait_left("yesterday", 10) == 10
+
+
+def test_an_image_travels_the_chain_from_its_publisher_through_api_nodes_wrapped():
+    names = ["node1", "node2", "node3", "node4"]
+    assert Nodes(names, "node1").chain("node3") == ("node3", "node4", "node1", "node2")
+    assert [Nodes(names, me).upstream("node3") for me in ("node4", "node1", "node2")] == \
+        ["node3", "node4", "node1"]
+
+
+def test_sources_stream_from_the_node_before_then_fall_back_to_the_publisher_and_peers():
+    names = ["node1", "node2", "node3", "node4"]
+    # node4 streams from node3, then copies from the publisher, then any installed copy.
+    assert sources(Nodes(names, "node4"), "node2", relay=True) == (
+        Source("node3", relay=True), Source("node2"), Source("node1"), Source("node3"))
+    # The publisher's next node copies from it; without the relay everyone does.
+    assert sources(Nodes(names, "node3"), "node2", relay=True) == (
+        Source("node2"), Source("node1"), Source("node4"))
+    assert sources(Nodes(names, "node4"), "node2", relay=False)[0] == Source("node2")
+    # No known publisher: no chain; the publisher itself fetches from nobody first.
+    assert sources(Nodes(names, "node4"), None, relay=True) == tuple(
+        Source(node) for node in ("node1", "node2", "node3"))
+    assert all(not source.relay for source in sources(Nodes(names, "node2"), "node2", True))

@@ -8,9 +8,9 @@ import uuid
 import kombu
 import pytest
 
-from glance_image_sync import cmd as cli
 from glance_image_sync.admin.tables import plural
 from glance_image_sync.broker import confirmed, topology
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.events import Action, ImageEvent
 from glance_image_sync.fanout.consumer import fanout_loop
 from glance_image_sync.sync.worker import ATTEMPT_HEADER, ERROR_HEADER

@@ -8,9 +8,9 @@ import kombu
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import service
 from glance_image_sync.broker import topology
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.fanout import notifications
 from glance_image_sync.fanout.consumer import fanout_loop
 from tests.fixtures import notification_files

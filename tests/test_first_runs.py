@@ -11,8 +11,8 @@ import tempfile
 
 import pytest
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import service
+from glance_image_sync.cmd import commands as cli
 
 
 def main(capsys, *argv):

@@ -7,9 +7,9 @@ import warnings
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import opts, service
 from glance_image_sync.broker import connection, topology
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.exceptions import ConfigError
 
 GLANCE_API_CONF = pathlib.Path(__file__).parent / "fixtures/glance/glance-api.conf"

@@ -13,8 +13,8 @@ import uuid
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import service
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.fanout.consumer import fanout_loop
 from tests.oslonotify import delete_event, notify
 from tools.localcluster import rabbitmqctl

@@ -6,7 +6,7 @@ import pytest
 from oslo_config import cfg
 
 from glance_image_sync import service
-from glance_image_sync.cmd import COMMAND_OPT
+from glance_image_sync.cmd.commands import COMMAND_OPT
 from glance_image_sync.exceptions import ConfigError, Rejected
 from glance_image_sync.glanceapi import GlanceApi, ImageState
 from tests.glancestandin import StandIn

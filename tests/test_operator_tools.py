@@ -8,11 +8,11 @@ import uuid
 import pytest
 from oslo_config import cfg
 
-from glance_image_sync import cmd as cli
 from glance_image_sync import service
 from glance_image_sync.admin import reconcile, status
 from glance_image_sync.admin.reconcile import HERE_ONLY, MISSING, SIZE_MISMATCH
 from glance_image_sync.broker.queues import NodeQueues, Overview, QueueStats
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.state.nodestate import Record, Snapshot
 from glance_image_sync.transfer import listing
 from glance_image_sync.transfer.listing import Entry

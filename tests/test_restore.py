@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from glance_image_sync import cmd as cli
 from glance_image_sync.admin import show
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.metrics import Metrics
 from glance_image_sync.settings import StoreSettings
 from glance_image_sync.state import records, restores

@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from glance_image_sync import cmd as cli
 from glance_image_sync.admin import show
+from glance_image_sync.cmd import commands as cli
 from glance_image_sync.events import Action, ImageEvent
 from glance_image_sync.exceptions import NodeStateError
 from glance_image_sync.state import records

@@ -11,10 +11,11 @@ import pathlib
 import signal
 import socket
 import subprocess
+import tempfile
 
 import pytest
 
-from glance_image_sync.cmd import _exit_on_sigterm
+from glance_image_sync.cmd.commands import _exit_on_sigterm
 from glance_image_sync.settings import TransferSettings
 from glance_image_sync.transfer import masters
 from tools.localcluster import wait_for
@@ -51,7 +52,16 @@ def test_without_reused_connections_or_a_state_dir_there_is_nothing_to_close(tmp
     assert masters.close_all(missing) == 0
 
 
-def test_a_socket_whose_master_was_killed_is_removed_and_a_live_one_is_not(tmp_path, caplog):
+@pytest.fixture
+def short_tmp_path():
+    """A directory whose sockets' paths fit (a worker's tmp_path may be too long for them)."""
+    with tempfile.TemporaryDirectory(prefix="gis-") as path:
+        yield pathlib.Path(path)
+
+
+def test_a_socket_whose_master_was_killed_is_removed_and_a_live_one_is_not(short_tmp_path,
+                                                                           caplog):
+    tmp_path = short_tmp_path
     stale = tmp_path / f"ssh-{HASH}"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(stale))  # bound, never listening again: as a SIGKILLed master leaves it

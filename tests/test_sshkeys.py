@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from glance_image_sync import cmd as cli
 from glance_image_sync.admin import sshkeys
+from glance_image_sync.cmd import commands as cli
 from tests.helpers import write_config
 
 
@@ -53,8 +53,9 @@ def test_the_lines_name_each_peer_as_ssh_looks_it_up(keys, capsys):
                          ssh_config_file=config, rsync_user="glance")
     assert code == 0, err
     key = " ".join(mine.read_text().split()[:2])
-    assert ('command="rrsync -ro -absolute /var/lib/glance/images",restrict '
-            f"{key} glance-image-sync@node1") in out.splitlines()
+    # relay (the default): serve streams to peers and hands rsync to rrsync -ro -absolute.
+    assert ('command="glance-image-sync serve --store /var/lib/glance/images --absolute",'
+            f"restrict {key} glance-image-sync@node1") in out.splitlines()
     assert "authorized_keys of glance on node2, node3" in out
     node2 = " ".join((hosts / "node2.pub").read_text().split()[:2])
     node3 = " ".join((hosts / "node3.pub").read_text().split()[:2])
@@ -68,13 +69,24 @@ def test_relative_remote_paths_get_the_restriction_every_rrsync_takes(keys, caps
     tmp_path, mine, hosts, config = keys
     code, out, _ = run(tmp_path, capsys, "--public-key", str(mine), "--host-keys", str(hosts),
                        "--format", "json", ssh_config_file=config,
-                       rsync_remote_paths="relative")
+                       rsync_remote_paths="relative", relay="false")
     doc = json.loads(out)
     assert code == 0 and doc["missing"] == []
     assert set(doc["authorized_keys"]) == {"node2", "node3"}
     assert doc["authorized_keys"]["node2"].startswith(
         'command="rrsync -ro /var/lib/glance/images",restrict ssh-ed25519 ')
     assert doc["known_hosts"]["node2"][0].startswith("[10.9.8.2]:2222 ssh-ed25519 ")
+
+
+def test_with_relay_and_relative_paths_serve_hands_rsync_to_rrsync_without_absolute(
+        keys, capsys):
+    tmp_path, mine, hosts, config = keys
+    code, out, _ = run(tmp_path, capsys, "--public-key", str(mine), "--host-keys", str(hosts),
+                       "--format", "json", ssh_config_file=config,
+                       rsync_remote_paths="relative")
+    assert code == 0
+    assert json.loads(out)["authorized_keys"]["node3"].startswith(
+        'command="glance-image-sync serve --store /var/lib/glance/images",restrict ')
 
 
 def test_host_keys_are_found_in_a_hashed_known_hosts_file(keys, capsys):

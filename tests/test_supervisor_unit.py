@@ -10,7 +10,7 @@ import pytest
 from oslo_config import cfg
 
 from glance_image_sync import service
-from glance_image_sync.cmd import COMMAND_OPT
+from glance_image_sync.cmd.commands import COMMAND_OPT
 from glance_image_sync.daemon.supervisor import Supervisor
 from tests.helpers import write_config
 from tools.localcluster import wait_for

@@ -9,6 +9,11 @@ configuration of its own. All nodes share the real RabbitMQ on 127.0.0.1:5672,
 in a virtual host of their own that is deleted afterwards. Stopping a node's
 sshd or daemon, or restarting RabbitMQ, are real faults.
 
+With ``link_mbit``, each node is in a network namespace of its own too, on a
+link limited to that many Mbit/s each way to a switch the nodes share
+(tools/netns.py): its sshd listens on an address that exists only in these
+namespaces, and it reaches RabbitMQ on 127.0.0.1 through forwarders.
+
 Used by the integration tests, the demo and the benchmarks. Needs root.
 """
 
@@ -31,6 +36,8 @@ import threading
 import time
 import uuid
 
+from tools import netns
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATADIR = "/var/lib/glance/images"
 SSH_PORT = 2222
@@ -46,6 +53,9 @@ RRSYNC_KEY_OPTIONS = f'command="rrsync -ro -absolute {DATADIR}",restrict'
 # The same without -absolute, as rrsync before rsync 3.5 (Ubuntu 22.04's and 24.04's
 # 3.2.7) has it: it takes only paths relative to the store (rsync_remote_paths = relative).
 RRSYNC_RELATIVE_KEY_OPTIONS = f'command="rrsync -ro {DATADIR}",restrict'
+# The forced command README.rst recommends: glance-image-sync serve streams images to
+# peers that relay them, and hands every other request to rrsync -ro -absolute.
+SERVE_COMMAND = f"serve --store {DATADIR} --absolute"
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
@@ -90,8 +100,12 @@ def md5_of(path) -> str:
 class Node:
     def __init__(self, cluster, index):
         self.cluster = cluster
+        self.index = index
         self.name = f"node{index}"
-        self.address = f"{cluster.subnet}.{10 + index}"
+        network = cluster.network
+        # None: the node shares the root network namespace (and loopback) with the others.
+        self.netns = network.namespace(index) if network else None
+        self.address = network.address(index) if network else f"{cluster.subnet}.{10 + index}"
         self.dir = cluster.base / self.name
         self.images = self.dir / "images"
         self.state = self.dir / "state"
@@ -117,8 +131,9 @@ class Node:
         # reads ~/.bashrc when sshd starts it) must not run this machine's
         # shell set-up. pyenv's there takes a lock file; a session killed by
         # a fault test while holding it made every later session wait 60 s.
+        enter = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            [*enter, "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
              f'mount --bind "$1" {DATADIR} && '
              '{ [ ! -f "$2" ] || mount --bind /dev/null "$2"; } && '
              'echo ready && exec sleep infinity',
@@ -128,8 +143,22 @@ class Node:
             raise RuntimeError(f"{self.name}: could not set up its mount namespace")
 
     def command(self, argv) -> list:
-        """``argv`` as run inside this node's mount namespace."""
-        return ["nsenter", "--target", str(self.holder.pid), "--mount", "--", *argv]
+        """``argv`` as run inside this node's mount namespace (and network namespace)."""
+        spaces = ["--mount", "--net"] if self.netns else ["--mount"]
+        return ["nsenter", "--target", str(self.holder.pid), *spaces, "--", *argv]
+
+    def sent_bytes(self) -> int:
+        """The bytes this node's link has sent (with link_mbit only)."""
+        return self._network().sent_bytes(self.index)
+
+    def received_bytes(self) -> int:
+        """The bytes this node's link has received (with link_mbit only)."""
+        return self._network().received_bytes(self.index)
+
+    def _network(self) -> netns.Network:
+        if self.cluster.network is None:
+            raise RuntimeError("a node has a link of its own only with link_mbit")
+        return self.cluster.network
 
     # -- sshd --------------------------------------------------------------
 
@@ -149,6 +178,8 @@ class Node:
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password",
+            # The client key's PATH (authorize): a peer's glance-image-sync is this one.
+            "PermitUserEnvironment PATH",
             "LogLevel INFO",  # "Accepted publickey" lines: tests count logins
             "",
         ]))
@@ -165,6 +196,8 @@ class Node:
                                f"{(self.dir / 'sshd.log').read_text()[-500:]}")
 
     def sshd_accepts(self) -> bool:
+        if self.netns:  # not reachable from here: is it listening, in its namespace?
+            return _listening(self.holder.pid, self.address, SSH_PORT)
         with contextlib.suppress(OSError), socket.create_connection((self.address, SSH_PORT),
                                                                     0.5):
             return True
@@ -302,11 +335,19 @@ class LocalCluster:
     ``rabbit_options``: [oslo_messaging_rabbit] options of Glance's side and of
     every node alike. ``brokers``: a tools.rabbitnodes.RabbitNodes to use
     instead of the shared broker (every node of it in transport_url).
+    ``link_mbit``: each node in a network namespace of its own, on a link of
+    that many Mbit/s each way (tools/netns.py); ``subnet`` is then unused.
     """
 
     def __init__(self, size=3, base=None, extra_config=None, durable=False, store_sizes=None,
-                 subnet=None, restricted_key=False, rabbit_options=None, brokers=None):
+                 subnet=None, restricted_key=False, rabbit_options=None, brokers=None,
+                 link_mbit=None):
         self.base = pathlib.Path(base or tempfile.mkdtemp(prefix="gis-cluster-"))
+        self.network = None
+        if link_mbit is not None:
+            ports = [int(BROKER.rpartition(":")[2])] if brokers is None else [
+                port for node in brokers.nodes for port in (node.port, node.tls_port) if port]
+            self.network = netns.Network(self.base, size, link_mbit, ports=ports)
         self.vhost = f"gis-{uuid.uuid4().hex[:12]}"
         # All of 127/8 is loopback: a /24 of its own per cluster.
         self.subnet = subnet or f"127.{random.randrange(1, 255)}.{random.randrange(0, 256)}"
@@ -339,7 +380,8 @@ class LocalCluster:
     def start(self):
         if os.geteuid() != 0:
             raise RuntimeError("the local cluster needs root (mount namespaces, sshd)")
-        for program in ("rsync", "/usr/sbin/sshd", "unshare", "nsenter", "rabbitmqctl"):
+        programs = ["rsync", "/usr/sbin/sshd", "unshare", "nsenter", "rabbitmqctl"]
+        for program in programs + (["ip", "tc"] if self.network else []):
             if not shutil.which(program):
                 raise RuntimeError(f"{program} is not installed (see .ci/install)")
         os.makedirs(DATADIR, exist_ok=True)
@@ -349,6 +391,8 @@ class LocalCluster:
                         str(self.client_key)], check=True)
         self.authorize(RRSYNC_KEY_OPTIONS if self.restricted_key is True
                        else self.restricted_key or None)
+        if self.network:
+            self.network.start()
         for node in self.nodes:
             node.start_namespace()
             node.start_sshd()
@@ -370,13 +414,24 @@ class LocalCluster:
         return self
 
     def authorize(self, options=None):
-        """Let the client key in on every node, with these authorized_keys ``options``."""
+        """Let the client key in on every node, with these authorized_keys ``options``.
+
+        ``SERVE_COMMAND`` stands for the forced command README.rst recommends. On
+        every key, ``glance-image-sync`` is on the PATH, as it is on a real node.
+        """
         public_key = (self.base / "client_ed25519.pub").read_text()
-        self.authorized_keys.write_text(f"{options} {public_key}" if options else public_key)
+        program = pathlib.Path(self.program[0])
+        if options == SERVE_COMMAND:
+            options = f'command="{" ".join(self.program)} {SERVE_COMMAND}",restrict'
+        path = f'environment="PATH={program.parent}:/usr/bin:/bin"'
+        self.authorized_keys.write_text(f"{options},{path} {public_key}" if options
+                                        else f"{path} {public_key}")
 
     def stop(self):
         for node in self.nodes:
             node.stop()
+        if self.network:
+            self.network.stop()
         for notifier in self._notifiers.values():
             with contextlib.suppress(Exception):
                 notifier.transport.cleanup()
@@ -502,6 +557,18 @@ def _descendants(pid) -> list:
                 for child in (task / "children").read_text().split():
                     found += [int(child), *_descendants(int(child))]
     return found
+
+
+def _listening(pid, address, port) -> bool:
+    """Whether a TCP socket listens on ``address``:``port`` in the network namespace of
+    process ``pid`` (its /proc/<pid>/net/tcp, which shows addresses as host-order words)."""
+    local = f"{int.from_bytes(socket.inet_aton(address), sys.byteorder):08X}:{port:04X}"
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for line in pathlib.Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # 0A: TCP_LISTEN
+                return True
+    return False
 
 
 def _terminate(proc, timeout=10):

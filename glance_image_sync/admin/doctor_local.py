@@ -33,7 +33,8 @@ from glance_image_sync.admin.checks import (
 from glance_image_sync.admin.tables import size_text
 from glance_image_sync.exceptions import Rejected
 from glance_image_sync.store.images import TEMP_PREFIX
-from glance_image_sync.transfer.rsync import SAFE_PATH, first_line, subprocess_env
+from glance_image_sync.transfer.environ import SAFE_PATH, subprocess_env
+from glance_image_sync.transfer.rsync import first_line
 
 DEFAULT_UNIT = "glance-image-sync.service"
 SYSTEMCTL_TIMEOUT = 30

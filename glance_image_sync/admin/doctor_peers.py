@@ -20,6 +20,9 @@ doctor's own commands open connections of their own, never kept.
     the user's home). PASS when the configured form names the store.
 ``store``
     the configured form's ``rsync --list-only`` of the store succeeded.
+``streams`` (with ``relay``)
+    the peer's ``glance-image-sync serve`` answers a stream request for an
+    image no store has with "no copy": it can pass images on (``sync.sources``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import dataclasses
 from glance_image_sync.admin.checks import failed, passed, skipped
 from glance_image_sync.admin.tables import plural
 from glance_image_sync.exceptions import TransferFailed
-from glance_image_sync.transfer import listing
+from glance_image_sync.transfer import listing, serve, stream
 from glance_image_sync.transfer.masters import close_master
 from glance_image_sync.transfer.rsync import first_line, run_rsync, ssh_argv
 
@@ -58,14 +61,39 @@ def peer_checks(transfer, node: str) -> list:
             return [failed(f"{prefix}: ssh", f"{login}: {first_line(exc.stderr or str(exc))}",
                            ssh_fix(exc.stderr or str(exc), node, transfer.user))] + [
                 skipped(f"{prefix}: {what}", "no ssh connection")
-                for what in ("rsync", "remote paths", "store")]
+                for what in ("rsync", "remote paths", "store", "streams")
+                if what != "streams" or transfer.relay]
     note = "; a kept connection was retired first" if closed else ""
     found = [passed(f"{prefix}: ssh", f"{login}: logged in, host key as pinned, batch "
                     f"mode{note}")]
     listings = {form: _list(fresh, node, form) for form in ("absolute", "relative")}
     found.append(rsync_check(prefix, _version(fresh, node), listings))
     found += paths_and_store(prefix, transfer.remote_paths, listings)
+    if transfer.relay:
+        found.append(stream_check(prefix, fresh, node))
     return found
+
+
+# An image no store holds: the peer's answer shows whether it serves streams at all.
+NO_IMAGE = "00000000-0000-4000-8000-000000000000"
+
+
+def stream_check(prefix: str, transfer, node: str):
+    name = f"{prefix}: streams"
+    try:
+        run_rsync(stream.stream_argv(transfer, node, NO_IMAGE, 0, 0), f"ssh to {node}",
+                  transfer.connect_timeout + transfer.io_timeout)
+    except TransferFailed as exc:
+        if exc.returncode == serve.NOT_HERE:
+            return passed(name, "glance-image-sync serve answers: the relay can pass images "
+                          "on through this peer")
+        why = first_line(exc.stderr or str(exc))
+    else:
+        why = "the request was answered as if the image were there"
+    return failed(name, f"the peer does not serve streams: {why}",
+                  "make the key's forced command 'glance-image-sync serve' on the peer "
+                  "('glance-image-sync ssh-keys' prints the line), or set relay = false; "
+                  "until then each node fetches from the publisher instead")
 
 
 def _ssh(transfer, node: str, *command) -> str:

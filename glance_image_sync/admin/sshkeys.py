@@ -3,8 +3,10 @@
 From this node's public key (``--public-key``) and the peers' host keys (a
 directory of ``<node>.pub`` files, or a known-hosts file), it prints:
 
-* the ``authorized_keys`` line each peer needs for this node's key, with the
-  rrsync restriction in the form ``rsync_remote_paths`` uses: without
+* the ``authorized_keys`` line each peer needs for this node's key: with
+  ``relay``, the forced command ``glance-image-sync serve`` (which hands
+  rsync to rrsync); without it, rrsync itself. rrsync in the form
+  ``rsync_remote_paths`` uses: without
   ``-absolute`` for ``relative`` (every rrsync takes it), with it for
   ``absolute`` (rrsync of rsync 3.5 or later only);
 * the ``known_hosts`` lines of the peers' host keys, named as ssh will look
@@ -31,7 +33,8 @@ import subprocess
 import sys
 
 from glance_image_sync.exceptions import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from glance_image_sync.transfer.rsync import first_line, subprocess_env
+from glance_image_sync.transfer.environ import subprocess_env
+from glance_image_sync.transfer.rsync import first_line
 
 SSH_TIMEOUT = 30
 _KEY_TYPE_RE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
@@ -139,9 +142,18 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def restriction(settings) -> str:
-    """The authorized_keys options that let a key only read the store, as rsync names it."""
-    absolute = "-absolute " if settings.transfer.remote_paths == "absolute" else ""
-    return f'command="rrsync -ro {absolute}{settings.transfer.remote_datadir}",restrict'
+    """The authorized_keys options that let a key only read the store, as rsync names it.
+
+    With ``relay``, the forced command is ``glance-image-sync serve``, which
+    streams images to peers that relay them and hands rsync to rrsync.
+    """
+    transfer = settings.transfer
+    if transfer.relay:
+        absolute = " --absolute" if transfer.remote_paths == "absolute" else ""
+        return (f'command="glance-image-sync serve --store {transfer.remote_datadir}'
+                f'{absolute}",restrict')
+    absolute = "-absolute " if transfer.remote_paths == "absolute" else ""
+    return f'command="rrsync -ro {absolute}{transfer.remote_datadir}",restrict'
 
 
 def gather(settings, public_key_file: str, host_keys: str | None,
@@ -172,6 +184,10 @@ def render_text(doc: dict, settings) -> str:
     peers = list(doc["authorized_keys"])
     lines = [f"# authorized_keys of {doc['user']} on {', '.join(peers)}: "
              f"{doc['node']}'s key, which may only read the store"]
+    if settings.transfer.relay:
+        lines.append("# (glance-image-sync serve: streams for the relay; rsync goes to "
+                     "rrsync -ro" + (" -absolute" if doc["remote_paths"] == "absolute"
+                                      else "") + ")")
     if doc["remote_paths"] == "absolute":
         lines.append("# (rrsync -absolute: rsync 3.5 or later on the peer; with "
                      "rsync_remote_paths = relative, any rrsync)")

@@ -207,6 +207,27 @@ transfer_opts = [
         help="Bandwidth limit per transfer in KiB/s (rsync --bwlimit); 0 is "
         "unlimited.",
     ),
+    cfg.BoolOpt(
+        "relay",
+        default=True,
+        help="Pass new images on along a chain of nodes, as HDFS writes a block: the "
+        "publisher's next node in api_nodes pulls from the publisher, and every further "
+        "node streams the image from the node before it while that node is still "
+        "receiving it. Each node's uplink then carries about one copy, and every node "
+        "has the image in about the time one copy takes, however many nodes there are. "
+        "Every copy is verified before it is installed; a node whose upstream fails or "
+        "stalls fetches from the publisher instead. The daemon's transfers only: a cron "
+        "run copies from the publisher. Needs 'glance-image-sync serve' as the peers' "
+        "forced command ('glance-image-sync ssh-keys'). False: every node copies from "
+        "the publisher.",
+    ),
+    cfg.IntOpt(
+        "relay_wait",
+        default=10,
+        min=0,
+        help="Seconds a node waits for the node before it in the chain to start "
+        "receiving a new image, before it fetches from the publisher instead.",
+    ),
     cfg.IntOpt(
         "max_parallel_transfers",
         default=16,

@@ -67,6 +67,9 @@ class TransferSettings:
     # "absolute": <datadir>/<id> on the peer; "relative": <id>, relative to the
     # directory the peer's rrsync restricts the key to.
     remote_paths: str = "absolute"
+    # Stream new images along the chain of nodes (sync.sources); False: all from the publisher.
+    relay: bool = True
+    relay_wait: int = 10  # seconds to wait for the upstream node to start receiving
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ class Settings:
                 remote_datadir=datadir,
                 remote_paths=conf.rsync_remote_paths,
                 ciphers=_ciphers(conf.ssh_ciphers),
+                relay=conf.relay,
+                relay_wait=conf.relay_wait,
                 **_control(conf.ssh_control_persist, conf.state_dir),
             ),
             max_parallel=conf.max_parallel_transfers,

@@ -2,8 +2,9 @@
 
 Ensure present: skip an image this node already deleted (a late or replayed
 upload must not resurrect it); do nothing when the local copy already has the
-right size and md5; otherwise fetch it from the publisher, then from any other
-peer, until one copy verifies. Ensure absent: when Glance's API can be asked,
+right size and md5; otherwise fetch it from its sources (``sync.sources``: the
+node before this one in the relay's chain, the publisher, any other peer) until
+one copy verifies. Ensure absent: when Glance's API can be asked,
 only once it says the image is gone (an image it still has stays, and the
 event is refused: dead-lettered; an API that cannot tell makes it a failed
 attempt, retried, the file still in place); then remember the deletion, and
@@ -14,6 +15,8 @@ events leaves the same store.
 
 from __future__ import annotations
 
+import datetime
+import math
 from dataclasses import dataclass
 
 from oslo_log import log as logging
@@ -23,6 +26,7 @@ from glance_image_sync.exceptions import DiskFull, StoreError, TransferCancelled
 from glance_image_sync.glanceapi import ImageState
 from glance_image_sync.metrics import Metrics
 from glance_image_sync.store.trash import Cause
+from glance_image_sync.sync.sources import sources
 
 LOG = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ REFUSED = "image still active in Glance"
 
 class ImageSync:
     def __init__(self, nodes, store, rsync, tombstones, metrics=None, trash=None, api=None,
-                 records=None):
+                 records=None, relay=False, relay_wait=0):
         self.nodes = nodes
         self.store = store
         self.rsync = rsync
@@ -56,6 +60,8 @@ class ImageSync:
         self.trash = trash  # a store.trash.Trash; None: a delete removes the file at once
         self.api = api  # a GlanceApi with credentials, asked before each delete; or None
         self.records = records  # ImageRecords: an md5 verified before a restart
+        self.relay = relay  # stream from the node before this one (sync.sources)
+        self.relay_wait = relay_wait  # seconds that node may take to start receiving
 
     def apply(self, event) -> Outcome:
         if event.action is Action.ABSENT:
@@ -142,10 +148,12 @@ class ImageSync:
                       extra=_about(image_id))
             return Outcome(True, "already in place")
         errors = []
-        for node in self.nodes.sources_for(event.source):
-            LOG.info("image %s: fetching from %s to %s (%d bytes)", image_id, node,
-                     self.nodes.this, event.size, extra=_about(image_id))
-            failure = self._fetch(node, event)
+        for source in sources(self.nodes, event.source, self.relay):
+            node = source.node
+            LOG.info("image %s: %s from %s to %s (%d bytes)", image_id,
+                     "streaming" if source.relay else "fetching", node, self.nodes.this,
+                     event.size, extra=_about(image_id))
+            failure = self._fetch(source, event)
             if failure is None:
                 LOG.info("image %s: installed and verified on %s (from %s)", image_id,
                          self.nodes.this, node, extra=_about(image_id))
@@ -156,24 +164,48 @@ class ImageSync:
                 LOG.error("image %s: disk full on %s: %s", image_id, self.nodes.this, failure,
                           extra=_about(image_id))
                 return Outcome(False, f"disk full: {failure}")
-            LOG.warning("image %s: copy from %s failed: %s", image_id, node, failure,
-                        extra=_about(image_id))
+            # The node before this one may simply not have it (yet): not worth a warning.
+            LOG.log(logging.INFO if source.relay else logging.WARNING,
+                    "image %s: copy from %s failed: %s", image_id, node, failure,
+                    extra=_about(image_id))
             errors.append(f"{node}: {failure}")
         if not errors:
             errors.append("no peer to fetch from")
         return Outcome(False, "; ".join(errors))
 
-    def _fetch(self, node, event):
-        """Install the image from ``node``; the exception that stopped it, or None."""
+    def _fetch(self, source, event):
+        """Install the image from ``source``; the exception that stopped it, or None."""
         def fetch(path):
-            self.rsync.fetch(node, event.image_id, path, event.size)
+            if source.relay:
+                self.rsync.stream(source.node, event.image_id, path, event.size,
+                                  relay_wait_left(event.timestamp, self.relay_wait))
+            else:
+                self.rsync.fetch(source.node, event.image_id, path, event.size)
 
         try:
-            with self.metrics.transfer(node, event.size):
+            with self.metrics.transfer(source.node, event.size):
                 self.store.install(event.image_id, event.size, event.checksum, fetch)
         except (TransferFailed, StoreError) as exc:
             return exc
         return None
+
+
+def relay_wait_left(timestamp: str | None, relay_wait: int, now=None) -> int:
+    """What is left of ``relay_wait`` since Glance sent the event (all of it if unknown).
+
+    Every node receives an upload's event within moments, so the node before
+    this one starts receiving within ``relay_wait`` of that or not soon: a
+    node that catches up on old events does not wait for it per image. The
+    clocks of the nodes may differ a little; the wait stays within 0 and
+    ``relay_wait`` whatever they say.
+    """
+    try:
+        sent = datetime.datetime.strptime(timestamp or "", "%Y-%m-%d %H:%M:%S.%f")
+    except ValueError:
+        return relay_wait
+    now = now or datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    age = (now - sent).total_seconds()
+    return max(0, min(relay_wait, math.ceil(relay_wait - age)))
 
 
 def _cause(event) -> Cause:

@@ -71,7 +71,10 @@ def sync_loop(settings, stop_event=None, once=False):
         api = GlanceApi(settings.glance_api) if settings.glance_api.configured else None
         image_sync = ImageSync(settings.nodes, store, rsync, tombstones, metrics,
                                trash=trash if settings.deletes.grace else None, api=api,
-                               records=records)
+                               # A cron run's peers are not receiving the image with it:
+                               # it copies from the publisher, in shared rsync sessions.
+                               records=records, relay=settings.transfer.relay and not once,
+                               relay_wait=settings.transfer.relay_wait)
         worker = SyncWorker(settings, image_sync, dispatcher, metrics,
                             NodeState(settings.store.state_dir), records)
         loop = ConnectionLoop("sync", worker, settings.broker, stop_event, once)

@@ -32,7 +32,8 @@ import time
 
 from oslo_log import log as logging
 
-from glance_image_sync.transfer.rsync import control_path, subprocess_env
+from glance_image_sync.transfer.environ import subprocess_env
+from glance_image_sync.transfer.rsync import control_path
 
 LOG = logging.getLogger(__name__)
 

@@ -30,10 +30,9 @@ from oslo_log import log as logging
 from glance_image_sync import events
 from glance_image_sync.exceptions import TransferFailed
 from glance_image_sync.store import libc
+from glance_image_sync.transfer.environ import subprocess_env
 
 LOG = logging.getLogger(__name__)
-
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 _PR_SET_PDEATHSIG = 1
@@ -120,16 +119,11 @@ def remote_path(settings, node: str, image_id: str = "", form: str | None = None
     return f"{settings.user}@{node}:{settings.remote_datadir}/{image_id}"
 
 
-def subprocess_env() -> dict:
-    """A minimal environment: ssh needs HOME for its keys and known hosts."""
-    env = {"PATH": SAFE_PATH, "LC_ALL": "C"}
-    if "HOME" in os.environ:
-        env["HOME"] = os.environ["HOME"]
-    return env
-
-
-def run_rsync(argv: list, what: str, timeout: int, register=None, unregister=None) -> str:
+def run_rsync(argv: list, what: str, timeout: int, register=None, unregister=None,
+              stdout=None) -> str:
     """Run one rsync (and the ssh under it), or an ssh; its stdout, or TransferFailed.
+
+    With ``stdout`` (a file), the output goes there, and its stderr is returned.
 
     Where the package starts its transfers and doctor's checks: an argument
     list, stdin from /dev/null, the minimal environment, a session of its own
@@ -139,14 +133,14 @@ def run_rsync(argv: list, what: str, timeout: int, register=None, unregister=Non
     """
     LOG.debug("running %s", argv)
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        argv, stdin=subprocess.DEVNULL, stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE,
         env=subprocess_env(), close_fds=True, start_new_session=True,
         preexec_fn=_die_with_parent,  # takes no locks: see there
     )
     try:
         if register is not None:
             register(proc)
-        stdout, stderr = proc.communicate(timeout=timeout)
+        output, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         proc.communicate()
@@ -163,7 +157,7 @@ def run_rsync(argv: list, what: str, timeout: int, register=None, unregister=Non
         raise TransferFailed(f"{what} exited {proc.returncode}: {first_line(text)}",
                              disk_full="No space left on device" in text, what=what,
                              returncode=proc.returncode, stderr=text)
-    return stdout.decode("utf-8", "replace")
+    return text if stdout is not None else output.decode("utf-8", "replace")
 
 
 # ssh binds "<ControlPath>.<16 random characters>" first, and a Unix socket's

@@ -26,6 +26,7 @@ from glance_image_sync.transfer.rsync import (
     run_rsync,
     usable,
 )
+from glance_image_sync.transfer.stream import stream_into
 
 LOG = logging.getLogger(__name__)
 
@@ -107,6 +108,13 @@ class Rsync:
             batch.done.wait()
         if image_id in batch.failures:
             raise batch.failures[image_id]
+        if self._cancelled:
+            raise TransferCancelled("shutting down")
+
+    def stream(self, node: str, image_id: str, dest: str, size: int, wait: int) -> None:
+        """Stream the image from ``node``, which may still be receiving it (transfer.stream)."""
+        stream_into(self.settings, node, image_id, dest, size, wait,
+                    register=self._register, unregister=self._unregister)
         if self._cancelled:
             raise TransferCancelled("shutting down")
 
