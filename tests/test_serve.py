@@ -77,8 +77,8 @@ def test_a_copy_still_arriving_is_followed_and_ends_once_it_is_installed(store):
         first = proc.stdout.read(SIZE // 3)
         assert first == DATA[:SIZE // 3]  # sent before the rest exists
         writer.write(DATA[SIZE // 3:])
-        time.sleep(0.3)
-        assert proc.poll() is None, "all bytes sent, but the copy is not verified yet"
+        with pytest.raises(subprocess.TimeoutExpired):  # all sent, but not verified yet
+            proc.wait(timeout=0.3)
         writer.install(0o640)
         out, err = proc.communicate(timeout=30)
     finally:

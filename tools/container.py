@@ -44,6 +44,7 @@ import signal
 import subprocess
 import tempfile
 
+from tools.lifecycle import Started
 from tools.localcluster import _descendants, wait_for
 
 CACHE = pathlib.Path("/var/cache/glance-image-sync-tests")
@@ -145,7 +146,7 @@ def _remove_unless_used(root) -> None:
     root.with_name(root.name + ".lock").unlink(missing_ok=True)
 
 
-class Container:
+class Container(Started):
     """A booted container; ``with Container(deb) as node:`` stops it and removes its root."""
 
     def __init__(self, deb, name="gis-node"):
@@ -217,16 +218,6 @@ class Container:
         if self._lower_lock is not None:
             self._lower_lock.close()
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> Container:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # -- inside ------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ import time
 import uuid
 
 from tools import netns
+from tools.lifecycle import Started
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATADIR = "/var/lib/glance/images"
@@ -327,7 +328,7 @@ class Node:
             subprocess.run(["umount", "--lazy", str(self.images)], check=False)
 
 
-class LocalCluster:
+class LocalCluster(Started):
     """The cluster; with ``restricted_key``, the client key may only run read-only rrsync.
 
     ``restricted_key`` True puts RRSYNC_KEY_OPTIONS before the key in
@@ -438,16 +439,6 @@ class LocalCluster:
         if self.brokers is None and broker_running():
             rabbitmqctl("delete_vhost", self.vhost, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # -- Glance's side -----------------------------------------------------
 

@@ -141,6 +141,7 @@ class Network:
             with contextlib.suppress(FileNotFoundError):
                 self._socket(port).unlink()
 
+    # tools.lifecycle.Started's, here again: this file is also run alone (python -I).
     def __enter__(self):
         try:
             return self.start()

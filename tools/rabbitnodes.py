@@ -31,6 +31,8 @@ import tempfile
 import time
 import uuid
 
+from tools.lifecycle import Started
+
 RABBIT_BIN = pathlib.Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT = 90
 
@@ -249,7 +251,7 @@ class RabbitNode:
             self.output.close()
 
 
-class RabbitNodes:
+class RabbitNodes(Started):
     """``count`` nodes, clustered when more than one; a context manager that always stops.
 
     ``tls``: give every node a TLS listener with certificates made here
@@ -317,13 +319,3 @@ class RabbitNodes:
             except Exception:  # noqa: BLE001 - stop the others all the same
                 node.kill()
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> RabbitNodes:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
