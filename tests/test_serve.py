@@ -1,13 +1,17 @@
 """``glance-image-sync serve``: a peer's forced command, streaming a copy as it arrives."""
 
+import contextlib
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from glance_image_sync.store.arriving import ArrivingImages
 from glance_image_sync.store.owner import Owner
 from glance_image_sync.transfer import serve
 
@@ -16,7 +20,7 @@ SIZE = 3 * 1024 * 1024
 DATA = os.urandom(SIZE)
 
 
-def start(store, *request, forced=None, kibps=0, wait=5, stall=5):
+def command(store, *request, forced=None, kibps=0, wait=5, stall=5):
     """``serve`` as a forced command (``forced``: SSH_ORIGINAL_COMMAND) or run directly."""
     env = {"PATH": os.environ["PATH"]}
     argv = [sys.executable, "-m", "glance_image_sync", "serve", "--store", str(store)]
@@ -25,6 +29,52 @@ def start(store, *request, forced=None, kibps=0, wait=5, stall=5):
     else:
         argv += request or ["stream", IMAGE, str(SIZE), str(wait), str(stall), str(kibps)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+class InProcess:
+    """``serve``'s Stream run in a thread of this process, as a Popen-alike.
+
+    The same behaviour as the command, where coverage can see it: the command
+    runs in a process of its own.
+    """
+
+    def __init__(self, store, *request, kibps=0, wait=5, stall=5):
+        words = request or ("stream", IMAGE, SIZE, wait, stall, kibps)
+        _, image_id, size, wait, stall, kibps = (words[0], words[1], *map(int, words[2:]))
+        read_fd, self._write_fd = os.pipe()
+        self.stdout = os.fdopen(read_fd, "rb")
+        self.returncode = None
+        self._err = io.StringIO()
+        self._stream = serve.Stream(ArrivingImages(str(store)), image_id, size, stall, kibps,
+                                    out_fd=self._write_fd)
+        self._thread = threading.Thread(target=self._run, args=(wait,), daemon=True)
+        self._thread.start()
+
+    def _run(self, wait):
+        try:
+            with contextlib.redirect_stderr(self._err):
+                self.returncode = self._stream.run(wait)
+        finally:
+            self._stream.images.close()
+            os.close(self._write_fd)
+
+    def wait(self, timeout):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("serve stream", timeout)
+        return self.returncode
+
+    def communicate(self, timeout):
+        out = self.stdout.read()  # to the end: the writing side closes when run() returns
+        self.wait(timeout)
+        self.stdout.close()
+        return out, self._err.getvalue().encode()
+
+
+@pytest.fixture(params=["command", "in_process"])
+def start(request):
+    """Starts a stream request: as the command, and in this process."""
+    return command if request.param == "command" else InProcess
 
 
 class Writer:
@@ -61,7 +111,7 @@ def store(tmp_path):
     return path
 
 
-def test_an_installed_image_is_streamed_whole_and_its_mode_named(store):
+def test_an_installed_image_is_streamed_whole_and_its_mode_named(store, start):
     (store / IMAGE).write_bytes(DATA)
     os.chmod(store / IMAGE, 0o644)
     out, err = start(store).communicate(timeout=30)
@@ -69,7 +119,7 @@ def test_an_installed_image_is_streamed_whole_and_its_mode_named(store):
     assert f"{serve.MODE_PREFIX}0644" in err.decode()
 
 
-def test_a_copy_still_arriving_is_followed_and_ends_once_it_is_installed(store):
+def test_a_copy_still_arriving_is_followed_and_ends_once_it_is_installed(store, start):
     writer = Writer(store)
     try:
         writer.write(DATA[:SIZE // 3])
@@ -88,7 +138,7 @@ def test_a_copy_still_arriving_is_followed_and_ends_once_it_is_installed(store):
     assert f"{serve.MODE_PREFIX}0640" in err.decode()
 
 
-def test_a_copy_abandoned_for_a_newer_one_goes_on_from_the_same_offset(store):
+def test_a_copy_abandoned_for_a_newer_one_goes_on_from_the_same_offset(store, start):
     old, new = Writer(store), Writer(store)
     try:
         old.write(DATA[:SIZE // 2])
@@ -106,7 +156,7 @@ def test_a_copy_abandoned_for_a_newer_one_goes_on_from_the_same_offset(store):
     assert rest == DATA[SIZE // 2:]
 
 
-def test_a_copy_that_fails_verification_ends_the_stream_without_success(store):
+def test_a_copy_that_fails_verification_ends_the_stream_without_success(store, start):
     writer = Writer(store)
     try:
         writer.write(DATA)
@@ -120,7 +170,7 @@ def test_a_copy_that_fails_verification_ends_the_stream_without_success(store):
     assert "abandoned" in err.decode()
 
 
-def test_a_copy_whose_writer_died_is_abandoned(store):
+def test_a_copy_whose_writer_died_is_abandoned(store, start):
     writer = Writer(store)
     writer.write(DATA[:1000])
     proc = start(store)
@@ -132,7 +182,7 @@ def test_a_copy_whose_writer_died_is_abandoned(store):
     assert proc.returncode == serve.ABANDONED, err
 
 
-def test_no_copy_within_the_wait_and_a_stalled_copy_each_have_their_status(store):
+def test_no_copy_within_the_wait_and_a_stalled_copy_each_have_their_status(store, start):
     proc = start(store, wait=0)
     assert proc.communicate(timeout=30)[0] == b""
     assert proc.returncode == serve.NOT_HERE
@@ -146,7 +196,7 @@ def test_no_copy_within_the_wait_and_a_stalled_copy_each_have_their_status(store
     assert proc.returncode == serve.STALLED, err
 
 
-def test_an_installed_copy_of_another_size_is_no_copy(store):
+def test_an_installed_copy_of_another_size_is_no_copy(store, start):
     (store / IMAGE).write_bytes(DATA[:100])
     proc = start(store)
     proc.communicate(timeout=30)
@@ -158,23 +208,38 @@ def test_a_forced_stream_request_serves_only_this_store(store, tmp_path):
     elsewhere.mkdir()
     (elsewhere / IMAGE).write_bytes(DATA)
     (store / IMAGE).write_bytes(DATA[::-1])
-    proc = start(store, forced=f"glance-image-sync serve --store {elsewhere} stream {IMAGE} "
+    proc = command(store, forced=f"glance-image-sync serve --store {elsewhere} stream {IMAGE} "
                  f"{SIZE} 0 5 0")
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == serve.OK
     assert out == DATA[::-1]  # the key's --store, not the requested one
 
 
-@pytest.mark.parametrize("request_words", [
+def test_the_forced_request_is_read_by_main_in_process(store, tmp_path, monkeypatch,
+                                                       capfdbinary):
+    # As the test above, through main() in this process (its stdout is pytest's capture).
+    (store / IMAGE).write_bytes(DATA)
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", f"/usr/bin/glance-image-sync serve --store "
+                       f"{tmp_path} stream {IMAGE} {SIZE} 0 5 0")
+    assert serve.main(["--store", str(store)]) == serve.OK
+    captured = capfdbinary.readouterr()
+    assert captured.out == DATA
+    assert serve.MODE_PREFIX.encode() in captured.err
+
+
+BAD_REQUESTS = [
     ["stream", "../../etc/passwd", "10", "0", "5", "0"],
     ["stream", IMAGE, "-1", "0", "5", "0"],
     ["stream", IMAGE, "10", "9999", "5", "0"],
     ["stream", IMAGE, "ten", "0", "5", "0"],
     ["stream", IMAGE],
     ["unlink", IMAGE],
-])
+]
+
+
+@pytest.mark.parametrize("request_words", BAD_REQUESTS)
 def test_a_bad_request_gets_one_line_and_the_usage_status(store, request_words):
-    proc = start(store, *request_words)
+    proc = command(store, *request_words)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == serve.USAGE
     assert out == b""
@@ -182,10 +247,18 @@ def test_a_bad_request_gets_one_line_and_the_usage_status(store, request_words):
     assert "Traceback" not in err.decode()
 
 
+@pytest.mark.parametrize("request_words", BAD_REQUESTS)
+def test_a_bad_request_in_process_gets_the_usage_status(store, request_words, capfd):
+    assert serve.main(["--store", str(store), *request_words]) == serve.USAGE
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+
+
 def test_any_other_forced_request_is_rrsync_read_only(store):
     (store / IMAGE).write_bytes(DATA)
     # What an rsync that tries to write into the store sends.
-    proc = start(store, forced=f"rsync --server -logDtpre.iLsfxCIvu . {IMAGE}")
+    proc = command(store, forced=f"rsync --server -logDtpre.iLsfxCIvu . {IMAGE}")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert "read-only" in err.decode()
@@ -193,7 +266,7 @@ def test_any_other_forced_request_is_rrsync_read_only(store):
         hashlib.md5(DATA).hexdigest()
 
 
-def test_a_paced_stream_sends_no_faster_than_asked(store):
+def test_a_paced_stream_sends_no_faster_than_asked(store, start):
     (store / IMAGE).write_bytes(DATA[:512 * 1024])
     started = time.monotonic()
     proc = start(store, "stream", IMAGE, str(512 * 1024), "0", "5", "1024")
