@@ -9,11 +9,9 @@ deps:
 demo: deps
 	.venv/bin/python -m tools.demo
 
-# Two workers for everything but the few tests that restart or reconfigure the shared
-# RabbitMQ (marked exclusive), which then run alone.
+# Two workers: every test's cluster has its own addresses, directories and vhost.
 test: deps lint
-	.venv/bin/python -m pytest -n 2 -m "not exclusive" --cov --cov-report=
-	.venv/bin/python -m pytest -m exclusive --cov --cov-append --cov-report=term
+	.venv/bin/python -m pytest -n 2 --cov --cov-report=term
 	.venv/bin/python -m tools.coverage_floor --total 85 --module 60
 
 unit:

@@ -6,6 +6,7 @@ skipped) when what they need is missing, except for root, without which they
 cannot run at all.
 """
 
+import contextlib
 import logging
 import os
 import uuid
@@ -13,6 +14,7 @@ import uuid
 import pytest
 
 from tools.localcluster import LocalCluster, broker_running, rabbitmqctl
+from tools.rabbitnodes import RabbitNodes
 
 
 @pytest.fixture(autouse=True)
@@ -71,13 +73,20 @@ def cluster(request):
 
     ``@pytest.mark.cluster_config(option=value, ...)`` adds glance-image-sync
     options; ``@pytest.mark.cluster_setup(durable=..., store_sizes=...)`` passes
-    LocalCluster's own.
+    LocalCluster's own. ``@pytest.mark.own_broker(setting=value, ...)``: the
+    cluster uses a RabbitMQ node of the test's own (``cluster.brokers``), with
+    those settings of the rabbit application, for a test that restarts the
+    broker or changes what the shared one would change for every other test.
     """
     _need_broker()
     if os.geteuid() != 0:
         pytest.skip("the local cluster needs root")
     config = request.node.get_closest_marker("cluster_config")
     setup = request.node.get_closest_marker("cluster_setup")
-    with LocalCluster(extra_config=config.kwargs if config else None,
-                      **(setup.kwargs if setup else {})) as started:
-        yield started
+    own_broker = request.node.get_closest_marker("own_broker")
+    with contextlib.ExitStack() as stack:
+        brokers = stack.enter_context(RabbitNodes(1, rabbit_env=own_broker.kwargs)) \
+            if own_broker else None
+        yield stack.enter_context(LocalCluster(
+            extra_config=config.kwargs if config else None, brokers=brokers,
+            **(setup.kwargs if setup else {})))

@@ -18,7 +18,7 @@ from glance_image_sync.cmd import commands as cli
 from glance_image_sync.daemon.supervisor import Supervisor
 from tests.clusterhelpers import free_port, queue_messages, scrape_until
 from tests.notifysocket import NotifySocket
-from tools.localcluster import rabbitmqctl, restart_broker, wait_for
+from tools.localcluster import rabbitmqctl, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -129,11 +129,11 @@ def test_a_wedged_consumer_stops_the_watchdog_pings(cluster, monkeypatch):
     assert not thread.is_alive()
 
 
-@pytest.mark.exclusive  # restarts the shared RabbitMQ
+@pytest.mark.own_broker  # it restarts RabbitMQ
 def test_daemons_reconnect_after_a_rabbitmq_restart(cluster):
     start_all(cluster)
     marks = {node.name: node.log.stat().st_size for node in cluster.nodes}
-    restart_broker()
+    cluster.brokers[0].restart()
     # Glance's non-durable notification queue died with the broker; the
     # daemons declare it again when they reconnect.
     wait_for(lambda: all("consuming glance_notifications.info" in node.log_since(marks[node.name])

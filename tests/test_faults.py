@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from glance_image_sync.broker import topology
-from tools.localcluster import rabbitmqctl, restart_broker, wait_for
+from tools.localcluster import rabbitmqctl, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -51,7 +51,7 @@ def md5s(images):
     return {image_id: md5 for image_id, (md5, _) in images.items()}
 
 
-@pytest.mark.exclusive  # restarts the shared RabbitMQ
+@pytest.mark.own_broker  # it restarts RabbitMQ
 @pytest.mark.cluster_setup(durable=True)
 def test_a_broker_restart_during_a_burst_of_50_uploads_loses_nothing(cluster):
     for node in cluster.nodes:
@@ -68,7 +68,7 @@ def test_a_broker_restart_during_a_burst_of_50_uploads_loses_nothing(cluster):
     publisher = threading.Thread(target=publish_all)
     publisher.start()
     wait_for(lambda: len(published) >= 15, 60, what="the burst to be under way")
-    restart_broker()
+    cluster.brokers[0].restart()
     publisher.join(180)
     assert not publisher.is_alive() and len(published) == 50
     assert_converges(cluster, md5s(images), timeout=180)
@@ -219,24 +219,10 @@ def test_a_node_down_while_20_uploads_and_5_deletes_catches_up_when_back(cluster
     assert_converges(cluster, truth, timeout=120)
 
 
-@pytest.fixture
-def short_consumer_timeout():
-    """RabbitMQ's consumer_timeout at 10 s, checked every second, for one test."""
-    def set_env(key, value):
-        rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
-    set_env("consumer_timeout", 10_000)
-    set_env("channel_tick_interval", 1_000)
-    try:
-        yield 10
-    finally:
-        set_env("consumer_timeout", 1_800_000)
-        set_env("channel_tick_interval", 60_000)
-
-
-@pytest.mark.exclusive  # consumer_timeout is the broker's, for every connection
+# RabbitMQ's consumer_timeout at 10 s, checked every second: a broker-wide setting.
+@pytest.mark.own_broker(consumer_timeout=10_000, channel_tick_interval=1_000)
 @pytest.mark.cluster_config(consumer_timeout=10, rsync_bwlimit=1024)  # 1 MiB/s
-def test_a_transfer_longer_than_consumer_timeout_is_neither_lost_nor_restarted(
-        cluster, short_consumer_timeout):
+def test_a_transfer_longer_than_consumer_timeout_is_neither_lost_nor_restarted(cluster):
     for node in cluster.nodes:
         node.start_daemon()
     image_id, md5, size = cluster.new_image("node1", size=24 * MiB)  # about 24 s

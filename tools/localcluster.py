@@ -82,14 +82,6 @@ def broker_running() -> bool:
     return False
 
 
-def restart_broker():
-    """Stop RabbitMQ (every connection drops, transient queues vanish), start it."""
-    rabbitmqctl("stop")
-    subprocess.run(["rabbitmq-server", "-detached"], check=True, timeout=60)
-    wait_for(lambda: rabbitmqctl("await_startup", "--timeout", "10", check=False)
-             .returncode == 0, 120, interval=0.5, what="RabbitMQ to start again")
-
-
 def md5_of(path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:

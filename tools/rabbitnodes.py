@@ -116,8 +116,9 @@ class Certificates:
 class RabbitNode:
     """One RabbitMQ node of our own; ``tls``: a Certificates to listen with TLS too."""
 
-    def __init__(self, base, name, cookie, tls=None):
+    def __init__(self, base, name, cookie, tls=None, rabbit_env=None):
         self.name = name
+        self.rabbit_env = rabbit_env or {}
         self.nodename = f"{name}@localhost"
         self.dir = pathlib.Path(base) / name
         self.cookie = cookie
@@ -193,6 +194,10 @@ class RabbitNode:
                 "ssl_options.fail_if_no_peer_cert = false",
             ]
         (self.dir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
+        # The rabbit application's own settings, some of which (channel_tick_interval)
+        # rabbitmq.conf has no key for.
+        settings = ", ".join(f"{{{key}, {value}}}" for key, value in self.rabbit_env.items())
+        (self.dir / "advanced.config").write_text(f"[{{rabbit, [{settings}]}}].\n")
 
     def use_server_certificate(self, certificate) -> None:
         """Serve ``(cert, key)`` on the TLS listener from the next start on."""
@@ -205,6 +210,12 @@ class RabbitNode:
         self.process = subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")], env=self.env(),
                                         cwd=self.dir, stdout=self.output,
                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart(self) -> None:
+        """Stop the node and start it again: every connection drops, transient queues go."""
+        self.stop()
+        self.start()
+        self.wait_started()
 
     def wait_started(self, timeout=START_TIMEOUT) -> None:
         def started():
@@ -255,16 +266,18 @@ class RabbitNodes(Started):
     """``count`` nodes, clustered when more than one; a context manager that always stops.
 
     ``tls``: give every node a TLS listener with certificates made here
-    (``self.certs``). ``url(user, password)`` is a transport_url naming
-    every node.
+    (``self.certs``). ``rabbit_env``: settings of the rabbit application
+    (``{"consumer_timeout": 10000}``), in every node's advanced.config.
+    ``url(user, password)`` is a transport_url naming every node.
     """
 
-    def __init__(self, count=1, tls=False, prefix="gis"):
+    def __init__(self, count=1, tls=False, prefix="gis", rabbit_env=None):
         self.base = pathlib.Path(tempfile.mkdtemp(prefix=f"{prefix}-rabbit-"))
         tag = uuid.uuid4().hex[:8]
         cookie = uuid.uuid4().hex.upper()
         self.certs = Certificates(self.base / "certs") if tls else None
-        self.nodes = [RabbitNode(self.base, f"{prefix}-{tag}-{index}", cookie, self.certs)
+        self.nodes = [RabbitNode(self.base, f"{prefix}-{tag}-{index}", cookie, self.certs,
+                                 rabbit_env)
                       for index in range(1, count + 1)]
 
     def __getitem__(self, index) -> RabbitNode:
