@@ -1,6 +1,7 @@
 """Node names, and the event format of the per-node queues."""
 
 import datetime
+import hashlib
 import json
 
 import pytest
@@ -9,7 +10,10 @@ from glance_image_sync import events
 from glance_image_sync.events import Action, ImageEvent
 from glance_image_sync.exceptions import Rejected
 from glance_image_sync.nodes import Nodes, normalize_hostname, same_host
-from glance_image_sync.sync.apply import relay_wait_left
+from glance_image_sync.settings import StoreSettings
+from glance_image_sync.state.tombstones import Tombstones
+from glance_image_sync.store.images import ImageStore
+from glance_image_sync.sync.apply import ImageSync, relay_wait_left
 from glance_image_sync.sync.sources import Source, sources
 
 NODES = Nodes(["node1.example.com", "node2", "node3"], "node2.example.com")
@@ -128,3 +132,47 @@ def test_sources_stream_from_the_node_before_then_fall_back_to_the_publisher_and
     assert sources(Nodes(names, "node4"), None, relay=True) == tuple(
         Source(node) for node in ("node1", "node2", "node3"))
     assert all(not source.relay for source in sources(Nodes(names, "node2"), "node2", True))
+
+
+class RecordingPeers:
+    """A transfer that records which node each image came from, and how."""
+
+    def __init__(self, data):
+        self.data = data
+        self.calls = []
+
+    def fetch(self, node, image_id, dest, size=0):
+        self.calls.append(("fetch", node))
+        self._copy(dest)
+
+    def stream(self, node, image_id, dest, size, wait):
+        self.calls.append(("stream", node, wait))
+        self._copy(dest)
+
+    def _copy(self, dest):
+        with open(dest, "r+b") as out:
+            out.write(self.data)
+
+
+@pytest.mark.parametrize(("age", "first"), [
+    (datetime.timedelta(seconds=2), ("stream", "node2", 8)),
+    (datetime.timedelta(minutes=3), ("fetch", "node1")),  # a node catching up
+])
+def test_only_a_fresh_event_is_streamed_from_the_node_before(tmp_path, age, first):
+    data = b"an image" * 1000
+    nodes = Nodes(["node1", "node2", "node3"], "node3")
+    store = ImageStore(StoreSettings(datadir=str(tmp_path), file_mode=None,
+                                     state_dir=str(tmp_path / "state"), deleted_memory=3600))
+    peers = RecordingPeers(data)
+    sync = ImageSync(nodes, store, peers, Tombstones(str(tmp_path / "state"), 3600),
+                     relay=True, relay_wait=10)
+    sent = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - age
+    try:
+        outcome = sync.apply(ImageEvent(
+            Action.PRESENT, IMAGE, source="node1", size=len(data),
+            checksum=hashlib.md5(data).hexdigest(), event_type="image.upload",
+            timestamp=sent.strftime("%Y-%m-%d %H:%M:%S.%f")))
+    finally:
+        store.close()
+    assert outcome.ok, outcome
+    assert peers.calls == [first]

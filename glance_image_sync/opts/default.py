@@ -224,9 +224,12 @@ transfer_opts = [
     cfg.IntOpt(
         "relay_wait",
         default=10,
-        min=0,
-        help="Seconds a node waits for the node before it in the chain to start "
-        "receiving a new image, before it fetches from the publisher instead.",
+        min=1,
+        help="Seconds after Glance sent an image's event during which a node takes "
+        "the image from the node before it in the chain: it waits that long for that "
+        "node to start receiving it, and fetches from the publisher after. A node "
+        "catching up on older events fetches them from the publisher, many images "
+        "per rsync session.",
     ),
     cfg.IntOpt(
         "max_parallel_transfers",

@@ -148,12 +148,15 @@ class ImageSync:
                       extra=_about(image_id))
             return Outcome(True, "already in place")
         errors = []
-        for source in sources(self.nodes, event.source, self.relay):
+        # Past relay_wait the node before this one has its copy, or will not soon: an
+        # old event (a node catching up) is fetched the plain way, in shared sessions.
+        wait = relay_wait_left(event.timestamp, self.relay_wait)
+        for source in sources(self.nodes, event.source, self.relay and wait > 0):
             node = source.node
             LOG.info("image %s: %s from %s to %s (%d bytes)", image_id,
                      "streaming" if source.relay else "fetching", node, self.nodes.this,
                      event.size, extra=_about(image_id))
-            failure = self._fetch(source, event)
+            failure = self._fetch(source, event, wait)
             if failure is None:
                 LOG.info("image %s: installed and verified on %s (from %s)", image_id,
                          self.nodes.this, node, extra=_about(image_id))
@@ -173,12 +176,11 @@ class ImageSync:
             errors.append("no peer to fetch from")
         return Outcome(False, "; ".join(errors))
 
-    def _fetch(self, source, event):
+    def _fetch(self, source, event, wait):
         """Install the image from ``source``; the exception that stopped it, or None."""
         def fetch(path):
             if source.relay:
-                self.rsync.stream(source.node, event.image_id, path, event.size,
-                                  relay_wait_left(event.timestamp, self.relay_wait))
+                self.rsync.stream(source.node, event.image_id, path, event.size, wait)
             else:
                 self.rsync.fetch(source.node, event.image_id, path, event.size)
 
@@ -195,7 +197,9 @@ def relay_wait_left(timestamp: str | None, relay_wait: int, now=None) -> int:
 
     Every node receives an upload's event within moments, so the node before
     this one starts receiving within ``relay_wait`` of that or not soon: a
-    node that catches up on old events does not wait for it per image. The
+    node that catches up on old events does not wait for it per image, nor
+    stream from it (0: the plain sources, whose rsync sessions carry a
+    backlog many images at a time, not one stream per image). The
     clocks of the nodes may differ a little; the wait stays within 0 and
     ``relay_wait`` whatever they say.
     """
