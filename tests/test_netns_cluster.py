@@ -17,7 +17,7 @@ from tools.localcluster import LocalCluster, broker_running, wait_for
 
 LINK_MBIT = 100
 RATE = LINK_MBIT * 1_000_000 // 8  # bytes per second, as tc -j reports it
-NETNS_PY = str(pathlib.Path(netns.__file__).resolve())
+FORWARDER_PY = str(netns.FORWARDER)
 
 
 def tbf_rates(qdiscs) -> dict:
@@ -93,7 +93,7 @@ def test_stop_leaves_no_namespace_and_no_forwarder():
     with cluster:
         names = cluster.network.existing()
         assert len(names) == 3  # the switch and two nodes
-        forwarders = processes_naming(f"{NETNS_PY} forward")
+        forwarders = processes_naming(FORWARDER_PY)
         assert len([cmd for _, cmd in forwarders if str(cluster.base) in cmd]) == 3
         # Each node's holder, sshd and forwarder.
         inside = [pid for name in names for pid in cluster.network.pids(name)]
@@ -129,7 +129,7 @@ def echo_server():
 def test_the_forwarder_passes_bytes_both_ways_and_passes_on_a_close(tmp_path, echo_server):
     port = echo_server.getsockname()[1]
     path = tmp_path / "upstream.sock"
-    forwarder = subprocess.Popen([sys.executable, NETNS_PY, "forward",
+    forwarder = subprocess.Popen([sys.executable, "-I", FORWARDER_PY,
                                   f"unix:{path}=tcp:127.0.0.1:{port}"],
                                  stdout=subprocess.PIPE, text=True)
     try:

@@ -14,11 +14,8 @@ two forwarders: one inside the node's namespace listens on the broker's
 address there and connects to a Unix socket in the network's directory (a
 socket file is not bound to a network namespace), where the other, in the
 root namespace, listens and connects to the broker. They pass bytes both ways
-(heartbeats too) and close both sides of a connection when either side closes.
-
-``python tools/netns.py forward LISTEN=CONNECT ...`` is the forwarder, with
-``tcp:HOST:PORT`` and ``unix:PATH`` endpoints; it prints ``ready`` once it
-listens. It imports nothing but the standard library, to start quickly.
+(heartbeats too) and close both sides of a connection when either side closes
+(tools/forwarder.py).
 """
 
 from __future__ import annotations
@@ -29,14 +26,14 @@ import os
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 import uuid
 
+from tools.lifecycle import Started
+
 # Linux limits a Unix socket's path (sun_path) to 108 bytes, its NUL included.
+FORWARDER = pathlib.Path(__file__).resolve().with_name("forwarder.py")
 UNIX_PATH_MAX = 107
 NODE_LINK = "eth0"
 BRIDGE = "br0"
@@ -58,7 +55,7 @@ def tbf(mbit: int) -> list:
     return ["tbf", "rate", f"{mbit}mbit", "burst", str(burst), "limit", str(limit)]
 
 
-class Network:
+class Network(Started):
     """``size`` nodes, each on a link of ``link_mbit`` Mbit/s to one switch.
 
     ``base``: a directory for the broker's Unix sockets. ``ports``: the TCP
@@ -141,17 +138,6 @@ class Network:
             with contextlib.suppress(FileNotFoundError):
                 self._socket(port).unlink()
 
-    # tools.lifecycle.Started's, here again: this file is also run alone (python -I).
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc):
-        self.stop()
-
     # -- what the links did ----------------------------------------------------
 
     def counters(self, index) -> dict:
@@ -200,7 +186,7 @@ def _run(argv) -> str:
 
 def _forwarder(namespace, pairs) -> subprocess.Popen:
     """The forwarder, in ``namespace`` (None: the root one); returns once it listens."""
-    argv = [sys.executable, "-I", str(pathlib.Path(__file__).resolve()), "forward", *pairs]
+    argv = [sys.executable, "-I", str(FORWARDER), *pairs]
     if namespace is not None:
         argv = ["ip", "netns", "exec", namespace, *argv]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -220,121 +206,3 @@ def _terminate(process, timeout=10):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-# -- the forwarder ---------------------------------------------------------------
-
-
-def _endpoint(spec):
-    """``tcp:HOST:PORT`` or ``unix:PATH`` -> (family, address)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "tcp":
-        host, _, port = rest.rpartition(":")
-        return socket.AF_INET, (host, int(port))
-    if kind == "unix":
-        return socket.AF_UNIX, rest
-    raise ValueError(f"{spec}: not tcp:HOST:PORT nor unix:PATH")
-
-
-def _open(family, **kwargs) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM, **kwargs)
-    if family == socket.AF_INET:
-        # AMQP's frames are small and answered: Nagle's delay on this hop would add up.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _listen(spec) -> socket.socket:
-    family, address = _endpoint(spec)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    if family == socket.AF_UNIX:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
-    else:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    sock.listen(128)
-    return sock
-
-
-class _Connection:
-    """One client and its upstream; closed as a whole when either side ends."""
-
-    def __init__(self, client, upstream):
-        self.sockets = (client, upstream)
-        self.lock = threading.Lock()
-        self.running = 2
-
-    def pump(self, source, target):
-        with contextlib.suppress(OSError):
-            while True:
-                data = source.recv(1 << 16)
-                if not data:
-                    break
-                target.sendall(data)
-        # Everything read was sent: now both ends see the connection close (shutdown
-        # wakes the other direction's recv; the last pump closes the sockets).
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        with self.lock:
-            self.running -= 1
-            last = self.running == 0
-        if last:
-            for sock in self.sockets:
-                sock.close()
-
-
-def _serve(listener, connect_spec):
-    family, address = _endpoint(connect_spec)
-    while True:
-        client, _ = listener.accept()
-        if family == socket.AF_INET or client.family == socket.AF_INET:
-            with contextlib.suppress(OSError):
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        upstream = _open(family)
-        try:
-            upstream.connect(address)
-        except OSError as error:
-            # The broker is down (restarted by a test): the client sees its
-            # connection close, as it would have seen it refused.
-            print(f"forward: {connect_spec}: {error}", file=sys.stderr, flush=True)
-            upstream.close()
-            client.close()
-            continue
-        connection = _Connection(client, upstream)
-        for source, target in ((client, upstream), (upstream, client)):
-            threading.Thread(target=connection.pump, args=(source, target),
-                             daemon=True).start()
-
-
-def forward(pairs):
-    """Listen on every LISTEN of ``pairs`` (LISTEN=CONNECT) and forward to its CONNECT."""
-    # Ended by SIGTERM's default action (the kernel closes every connection; no
-    # interpreter shutdown waits on the threads), whatever the parent ignored or blocked.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    listeners = []
-    for pair in pairs:
-        listen_spec, _, connect_spec = pair.partition("=")
-        _endpoint(connect_spec)
-        listeners.append((_listen(listen_spec), connect_spec))
-    for listener, connect_spec in listeners:
-        threading.Thread(target=_serve, args=(listener, connect_spec), daemon=True).start()
-    print("ready", flush=True)
-    while True:
-        time.sleep(3600)
-
-
-def main(argv=None):
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2 or args[0] != "forward":
-        print("usage: netns.py forward tcp:HOST:PORT|unix:PATH=tcp:HOST:PORT|unix:PATH ...",
-              file=sys.stderr)
-        return 2
-    forward(args[1:])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
