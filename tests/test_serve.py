@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from glance_image_sync.store.arriving import ArrivingImages
 from glance_image_sync.store.owner import Owner
 from glance_image_sync.transfer import serve
 
@@ -32,30 +31,27 @@ def command(store, *request, forced=None, kibps=0, wait=5, stall=5):
 
 
 class InProcess:
-    """``serve``'s Stream run in a thread of this process, as a Popen-alike.
+    """``serve``'s stream request answered in a thread of this process, as a Popen-alike.
 
     The same behaviour as the command, where coverage can see it: the command
     runs in a process of its own.
     """
 
     def __init__(self, store, *request, kibps=0, wait=5, stall=5):
-        words = request or ("stream", IMAGE, SIZE, wait, stall, kibps)
-        _, image_id, size, wait, stall, kibps = (words[0], words[1], *map(int, words[2:]))
+        words = request or ("stream", IMAGE, str(SIZE), str(wait), str(stall), str(kibps))
         read_fd, self._write_fd = os.pipe()
         self.stdout = os.fdopen(read_fd, "rb")
         self.returncode = None
         self._err = io.StringIO()
-        self._stream = serve.Stream(ArrivingImages(str(store)), image_id, size, stall, kibps,
-                                    out_fd=self._write_fd)
-        self._thread = threading.Thread(target=self._run, args=(wait,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(str(store), list(words)),
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, wait):
+    def _run(self, store, request):
         try:
             with contextlib.redirect_stderr(self._err):
-                self.returncode = self._stream.run(wait)
+                self.returncode = serve.stream(store, request, out_fd=self._write_fd)
         finally:
-            self._stream.images.close()
             os.close(self._write_fd)
 
     def wait(self, timeout):

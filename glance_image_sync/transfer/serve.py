@@ -60,14 +60,19 @@ def main(argv) -> int:
         rrsync = ["rrsync", "-ro", *(["-absolute"] if args.absolute else []), args.store]
         os.execvpe("rrsync", rrsync,  # noqa: S606 - an argument list, reviewed (KNOWN)
                    {**subprocess_env(), "SSH_ORIGINAL_COMMAND": forced})
+    return stream(args.store, request or [])
+
+
+def stream(store: str, request, out_fd: int = 1) -> int:
+    """Answers ``request`` (``stream <id> <size> <wait> <stall> <KiB/s>``) on ``out_fd``."""
     try:
-        image_id, size, wait, stall, kibps = _parse(request or [])
+        image_id, size, wait, stall, kibps = _parse(request)
     except ValueError as exc:
         print(f"glance-image-sync serve: {exc}", file=sys.stderr)
         return USAGE
-    images = ArrivingImages(args.store)
+    images = ArrivingImages(store)
     try:
-        return Stream(images, image_id, size, stall, kibps).run(wait)
+        return Stream(images, image_id, size, stall, kibps, out_fd).run(wait)
     except BrokenPipeError:  # the peer went away
         return ABANDONED
     finally:
