@@ -18,7 +18,7 @@ from tests.clusterhelpers import (
     sshd_logins,
     store_snapshot,
 )
-from tools.localcluster import STORE_GID, STORE_UID, wait_for
+from tools.localcluster import STORE_GID, STORE_UID, md5_of, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -78,8 +78,11 @@ def test_a_copy_whose_md5_is_not_the_events_is_never_installed(cluster):
     image_id, md5, size = cluster.new_image("node1", size=2 * 1024 * 1024)
     with open(cluster["node1"].path(image_id), "r+b") as f:  # bit rot after the upload
         f.seek(1000)
-        f.write(b"\xff")
+        byte = f.read(1)[0]
+        f.seek(1000)
+        f.write(bytes([byte ^ 0xFF]))  # changed whatever it was (0xff in 1 of 256 images)
     corrupt = cluster["node1"].path(image_id).read_bytes()
+    assert md5_of(cluster["node1"].path(image_id)) != md5
     cluster.upload(image_id, md5, size)
     assert cluster["node1"].run("duplicate-notifications").returncode == 0
 
