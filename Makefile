@@ -9,9 +9,10 @@ deps:
 demo: deps
 	.venv/bin/python -m tools.demo
 
-# Two workers: every test's cluster has its own addresses, directories and vhost.
+# Two workers: every test's cluster has its own addresses, directories and vhost;
+# the tests of an xdist_group (the systemd tier) all run on one of them.
 test: deps lint
-	.venv/bin/python -m pytest -n 2 --cov --cov-report=term
+	.venv/bin/python -m pytest -n 2 --dist loadgroup --cov --cov-report=term
 	.venv/bin/python -m tools.coverage_floor --total 85 --module 60
 
 unit:

@@ -26,7 +26,8 @@ from tests.clusterhelpers import free_port, scrape_until
 from tools.container import Container
 from tools.localcluster import SSH_PORT, LocalCluster, broker_running, md5_of, wait_for
 
-pytestmark = pytest.mark.systemd
+# One worker runs the whole tier (make test: --dist loadgroup): one build, one container at a time.
+pytestmark = [pytest.mark.systemd, pytest.mark.xdist_group("systemd")]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NODE = "node2"
